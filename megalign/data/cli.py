@@ -1,0 +1,82 @@
+"""Command lines of the data tools: parse arguments, call the library, turn MegalignError into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from megalign.data import packing
+from megalign.data.preprocess import OVERLENGTH_POLICIES, PreprocessOptions, preprocess, summary
+from megalign.data.templates import TEMPLATE_NAMES
+from megalign.errors import MegalignError
+
+
+def _quiet_megatron_import_warnings() -> None:
+    # The data tools only use megatron-core's IndexedDataset; its notice about TE/Apex being absent is noise here.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preprocess_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py",
+        description="Turn JSONL chats into a packed, indexed dataset (megalign format v1).",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL files (plain or .gz)")
+    p.add_argument("--ratios", nargs="+", type=float, metavar="R",
+                   help="per input: expected copies of each record (0.3 keeps 30%%, 2 doubles); default 1 each")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a SentencePiece .model")
+    p.add_argument("--chat-template", required=True, choices=TEMPLATE_NAMES, metavar="NAME",
+                   help=f"one of: {', '.join(TEMPLATE_NAMES)}")
+    p.add_argument("--seq-length", type=int, required=True, help="tokens per pack")
+    p.add_argument("--packing", default="bfd", choices=packing.STRATEGIES, metavar="STRATEGY",
+                   help=f"one of: {', '.join(packing.STRATEGIES)} (default bfd)")
+    p.add_argument("--group-size", type=int, default=8, help="samples per group for --packing sorted (default 8)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX.json")
+    p.add_argument("--overlength", default="drop", choices=OVERLENGTH_POLICIES,
+                   help="samples longer than --seq-length: drop (default, counted as rejected) or truncate")
+    p.add_argument("--max-reject-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of records is rejected (default 0.01)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    _quiet_megatron_import_warnings()
+    opts = PreprocessOptions(
+        inputs=args.input, ratios=args.ratios, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        seq_length=args.seq_length, packing=args.packing, group_size=args.group_size,
+        output_prefix=args.output_prefix, overlength=args.overlength,
+        max_reject_fraction=args.max_reject_fraction, workers=args.workers, seed=args.seed,
+        overwrite=args.overwrite, progress=False if args.no_progress else None,
+    )
+    try:
+        result = preprocess(opts)
+    except MegalignError as e:
+        _fail(str(e))
+    print(summary(result))
+
+
+def inspect_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="inspect_dataset.py", description="Print the stats of a packed dataset.")
+    p.add_argument("prefix", help="dataset PREFIX (as given to --output-prefix)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the sample-length histogram and pack fill")
+    p.add_argument("--verify", default="full", choices=("full", "sizes"), help="checksum the files (default) or sizes only")
+    args = p.parse_args(argv)
+    _quiet_megatron_import_warnings()
+    from megalign.data.inspect import describe, plot
+    from megalign.data.packed_dataset import PackedDataset
+
+    try:
+        ds = PackedDataset(args.prefix, verify=args.verify)
+    except MegalignError as e:
+        _fail(str(e))
+    print(describe(ds))
+    if args.plot:
+        plot(ds, args.plot)
+        print(f"plot: {args.plot}")

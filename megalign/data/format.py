@@ -1,0 +1,43 @@
+"""On-disk format v1: the files of a packed dataset PREFIX and how they are checked.
+
+  PREFIX.bin / PREFIX.idx                      megatron-core IndexedDataset of token ids: one sequence per
+                                               sample, one document per pack
+  PREFIX_loss_mask.bin / PREFIX_loss_mask.idx  the same structure, uint8, 1 where a token is a target
+  PREFIX.json                                  metadata: version, tokenizer, counts, stats, sizes, checksums
+  PREFIX.rejects.jsonl                         every rejected record: input, line, reason (a report, not data)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+FORMAT_VERSION = 1
+LOSS_MASK_SUFFIX = "_loss_mask"
+DATA_SUFFIXES = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
+META_SUFFIX = ".json"
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+def data_files(prefix: str) -> list[Path]:
+    return [Path(prefix + s) for s in DATA_SUFFIXES]
+
+
+def meta_file(prefix: str) -> Path:
+    return Path(prefix + META_SUFFIX)
+
+
+def rejects_file(prefix: str) -> Path:
+    return Path(prefix + REJECTS_SUFFIX)
+
+
+def all_files(prefix: str) -> list[Path]:
+    return data_files(prefix) + [meta_file(prefix), rejects_file(prefix)]
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,117 @@
+"""Read a packed dataset (format v1): pack k as tokens, loss mask and per-sample lengths.
+
+Opening validates the metadata version, the file sizes and (by default) the checksums, so that a truncated,
+mismatched or half-written dataset is a clear error instead of a crash deep inside training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megalign.data import format as fmt
+from megalign.errors import MegalignError
+
+
+@dataclass(frozen=True)
+class Pack:
+    tokens: np.ndarray  # [t] token ids of the pack's samples, concatenated
+    loss_mask: np.ndarray  # [t] uint8
+    lengths: np.ndarray  # [n] per-sample lengths, sum == t
+
+
+class PackedDataset:
+    """A format-v1 dataset at `prefix`. `verify`: "full" (sizes and checksums), "sizes", or "none"."""
+
+    def __init__(self, prefix: str, verify: str = "full"):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = str(prefix)
+        self.meta = read_metadata(self.prefix)
+        _verify_files(self.prefix, self.meta, verify)
+        self._tokens = IndexedDataset(self.prefix)
+        self._mask = IndexedDataset(self.prefix + fmt.LOSS_MASK_SUFFIX)
+        self._check_structure()
+
+    def _check_structure(self) -> None:
+        meta, tokens, mask = self.meta, self._tokens, self._mask
+        problems = []
+        if len(tokens) != meta["num_samples"]:
+            problems.append(f"{len(tokens)} sequences in .idx, metadata says {meta['num_samples']} samples")
+        if len(tokens.document_indices) - 1 != meta["num_packs"]:
+            problems.append(f"{len(tokens.document_indices) - 1} documents in .idx, metadata says {meta['num_packs']} packs")
+        if not np.array_equal(tokens.sequence_lengths, mask.sequence_lengths) or not np.array_equal(
+            tokens.document_indices, mask.document_indices
+        ):
+            problems.append("token and loss-mask indexes differ")
+        if problems:
+            raise MegalignError(f"dataset {self.prefix} is inconsistent: {'; '.join(problems)}")
+
+    def __len__(self) -> int:
+        return self.meta["num_packs"]
+
+    @property
+    def seq_length(self) -> int:
+        return self.meta["seq_length"]
+
+    @property
+    def sample_lengths(self) -> np.ndarray:
+        return self._tokens.sequence_lengths
+
+    @property
+    def pack_boundaries(self) -> np.ndarray:
+        """Sample index where each pack starts, plus the total: pack k is samples [b[k], b[k+1])."""
+        return self._tokens.document_indices
+
+    def pack_lengths(self) -> np.ndarray:
+        cumulative = np.concatenate([[0], np.cumsum(self.sample_lengths, dtype=np.int64)])
+        return np.diff(cumulative[self.pack_boundaries])
+
+    def __getitem__(self, k: int) -> Pack:
+        if not 0 <= k < len(self):
+            raise IndexError(f"pack {k} out of range [0, {len(self)})")
+        first, last = int(self.pack_boundaries[k]), int(self.pack_boundaries[k + 1])
+        lengths = self.sample_lengths[first:last]
+        tokens = np.concatenate(self._tokens[first:last])
+        loss_mask = np.concatenate(self._mask[first:last])
+        return Pack(tokens, loss_mask, np.asarray(lengths))
+
+
+def read_metadata(prefix: str) -> dict:
+    path = fmt.meta_file(prefix)
+    if not path.is_file():
+        raise MegalignError(
+            f"{path} not found: {prefix} is not a megalign packed dataset, or its preprocessing did not finish"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MegalignError(f"{path} is not valid JSON ({e}); re-run preprocessing") from None
+    version = meta.get("format_version")
+    if version != fmt.FORMAT_VERSION:
+        raise MegalignError(
+            f"{path} has format_version {version!r}; this megalign reads version {fmt.FORMAT_VERSION}. "
+            "Re-run tools/preprocess_data.py with this version"
+        )
+    return meta
+
+
+def _verify_files(prefix: str, meta: dict, verify: str) -> None:
+    if verify not in ("full", "sizes", "none"):
+        raise ValueError(f"verify must be 'full', 'sizes' or 'none', got {verify!r}")
+    if verify == "none":
+        return
+    for suffix, expected in meta["files"].items():
+        path = Path(prefix + suffix)
+        if not path.is_file():
+            raise MegalignError(f"{path} is missing (the dataset at {prefix} is incomplete)")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise MegalignError(
+                f"{path} has {size} bytes, metadata says {expected['bytes']}: truncated or from another run"
+            )
+        if verify == "full" and fmt.sha256_file(path) != expected["sha256"]:
+            raise MegalignError(f"{path} fails its sha256 check: corrupted or from another run")

@@ -1,0 +1,138 @@
+"""JSONL records -> Conversation, with a named reason for every record that is turned away.
+
+Two record shapes are accepted:
+  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}       (LongAlign, OpenAI)
+  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}          (ShareGPT)
+A conversation is: an optional system message, then user/assistant turns alternating, starting with a user
+turn and ending with an assistant turn (a trailing user turn would be tokens that never carry loss).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Iterator
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+}
+
+
+class RejectReason(str, Enum):
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    WRONG_SHAPE = "wrong_shape"
+    UNKNOWN_ROLE = "unknown_role"
+    NON_STRING_CONTENT = "non_string_content"
+    EMPTY_CONTENT = "empty_content"
+    NO_ASSISTANT_TURN = "no_assistant_turn"
+    BAD_TURN_ORDER = "bad_turn_order"
+    TOO_LONG = "too_long"
+    NO_LOSS_TOKENS = "no_loss_tokens"
+
+
+class RecordRejected(Exception):
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+
+
+def _messages_of(record: dict) -> tuple[list, str, str]:
+    """The message list of a record and the keys its messages use for role and content."""
+    if "messages" in record:
+        return record["messages"], "role", "content"
+    if "conversations" in record:
+        return record["conversations"], "from", "value"
+    raise RecordRejected(
+        RejectReason.WRONG_SHAPE,
+        'expected a "messages" list of {"role", "content"} (or ShareGPT "conversations" of {"from", "value"}); '
+        f"got keys {sorted(record)[:8]}",
+    )
+
+
+def parse_record(raw: bytes) -> Conversation:
+    """Decode one JSONL line into a validated Conversation, or raise RecordRejected."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordRejected(RejectReason.INVALID_UTF8, f"byte {e.start}: {e.reason}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordRejected(RejectReason.MALFORMED_JSON, f"column {e.colno}: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise RecordRejected(RejectReason.WRONG_SHAPE, f"a record must be a JSON object, got {type(record).__name__}")
+    items, role_key, content_key = _messages_of(record)
+    if not isinstance(items, list) or not items:
+        raise RecordRejected(RejectReason.WRONG_SHAPE, "the message list must be a non-empty list")
+
+    messages = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or role_key not in item or content_key not in item:
+            raise RecordRejected(
+                RejectReason.WRONG_SHAPE, f'message {i} must be an object with "{role_key}" and "{content_key}"'
+            )
+        role = ROLE_ALIASES.get(item[role_key]) if isinstance(item[role_key], str) else None
+        if role is None:
+            raise RecordRejected(
+                RejectReason.UNKNOWN_ROLE,
+                f"message {i} has {role_key}={item[role_key]!r}; valid: {sorted(ROLE_ALIASES)}",
+            )
+        content = item[content_key]
+        if not isinstance(content, str):
+            raise RecordRejected(
+                RejectReason.NON_STRING_CONTENT, f"message {i} {content_key} is {type(content).__name__}, not a string"
+            )
+        if not content.strip():
+            raise RecordRejected(RejectReason.EMPTY_CONTENT, f"message {i} ({role}) is empty")
+        messages.append(Message(role, content))
+
+    _check_turn_order(messages)
+    return Conversation(tuple(messages))
+
+
+def _check_turn_order(messages: list[Message]) -> None:
+    if not any(m.role == "assistant" for m in messages):
+        raise RecordRejected(RejectReason.NO_ASSISTANT_TURN, "the conversation has no assistant message")
+    turns = messages[1:] if messages[0].role == "system" else messages
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            position = i + (len(messages) - len(turns))
+            raise RecordRejected(
+                RejectReason.BAD_TURN_ORDER,
+                f"message {position} is {m.role}, expected {expected} "
+                "(optional system first, then user/assistant alternating, ending with assistant)",
+            )
+    if turns[-1].role != "assistant":
+        raise RecordRejected(RejectReason.BAD_TURN_ORDER, "the conversation ends with a user message")
+
+
+def open_lines(path: str | Path) -> Iterator[bytes]:
+    """Raw lines (bytes, newline stripped) of a plain or gzip-compressed JSONL file."""
+    path = Path(path)
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as f:
+        for line in f:
+            yield line.rstrip(b"\r\n")

@@ -1,0 +1,218 @@
+"""Chat templates: Conversation -> Sample(tokens, loss_mask).
+
+The loss mask is 1 on exactly the assistant tokens and on the token that ends each assistant turn (the one the
+model must learn to emit to stop); system and user tokens, role headers and separators are 0.
+
+Built-in templates describe a conversation as Pieces (text, or a special token by name) and are tokenized piece
+by piece, so every token belongs to one piece and its mask is exact. `hf` renders the tokenizer's own Jinja
+`chat_template` and finds the assistant spans by rendering growing prefixes of the conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from megalign.data.records import Conversation, Message
+from megalign.data.tokenizer import Tokenizer
+from megalign.errors import MegalignError
+
+
+@dataclass(frozen=True)
+class Sample:
+    tokens: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # uint8 [n]; 1 where the token is a training target
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str | None = None
+    special: str | None = None  # a special token, placed by id (never parsed from text)
+    loss: bool = False
+
+
+def _text(text: str, loss: bool = False) -> Piece:
+    return Piece(text=text, loss=loss)
+
+
+def _special(token: str, loss: bool = False) -> Piece:
+    return Piece(special=token, loss=loss)
+
+
+def _split_system(conv: Conversation) -> tuple[str | None, tuple[Message, ...]]:
+    if conv.messages[0].role == "system":
+        return conv.messages[0].content, conv.messages[1:]
+    return None, conv.messages
+
+
+def llama2_pieces(conv: Conversation, bos: str, eos: str) -> list[Piece]:
+    """Meta's Llama-2-chat format: <s>[INST] <<SYS>>\\n{s}\\n<</SYS>>\\n\\n{u} [/INST] {a} </s>, per turn."""
+    system, turns = _split_system(conv)
+    pieces = []
+    for i in range(0, len(turns), 2):
+        user, answer = turns[i].content, turns[i + 1].content
+        if i == 0 and system is not None:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        pieces += [_special(bos), _text(f"[INST] {user} [/INST]"), _text(f" {answer} ", loss=True), _special(eos, loss=True)]
+    return pieces
+
+
+def llama3_pieces(conv: Conversation) -> list[Piece]:
+    """<|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message."""
+    pieces = [_special("<|begin_of_text|>")]
+    for m in conv.messages:
+        answer = m.role == "assistant"
+        pieces += [
+            _special("<|start_header_id|>"),
+            _text(m.role),
+            _special("<|end_header_id|>"),
+            _text("\n\n"),
+            _text(m.content, loss=answer),
+            _special("<|eot_id|>", loss=answer),
+        ]
+    return pieces
+
+
+def chatml_pieces(conv: Conversation) -> list[Piece]:
+    """Qwen's ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message."""
+    pieces = []
+    for m in conv.messages:
+        answer = m.role == "assistant"
+        pieces += [
+            _special("<|im_start|>"),
+            _text(f"{m.role}\n"),
+            _text(m.content, loss=answer),
+            _special("<|im_end|>", loss=answer),
+            _text("\n"),
+        ]
+    return pieces
+
+
+def chatglm3_pieces(conv: Conversation, eos: str) -> list[Piece]:
+    """ChatGLM3: [gMASK]sop then <|{role}|>\\n{content} per message, </s> at the end.
+
+    ChatGLM3 ends an answer by emitting the next role token (or EOS), so that token carries the loss.
+    """
+    pieces = [_special("[gMASK]"), _special("sop")]
+    previous_was_answer = False
+    for m in conv.messages:
+        answer = m.role == "assistant"
+        pieces += [_special(f"<|{m.role}|>", loss=previous_was_answer), _text("\n"), _text(m.content, loss=answer)]
+        previous_was_answer = answer
+    pieces.append(_special(eos, loss=True))
+    return pieces
+
+
+class PieceEncoder:
+    """Tokenizes the pieces of a built-in template; many conversations in one batched tokenizer call."""
+
+    def __init__(self, tokenizer: Tokenizer, to_pieces: Callable[[Conversation], list[Piece]], probe: Conversation):
+        self.tokenizer = tokenizer
+        self.to_pieces = to_pieces
+        # Resolve every special token once, up-front: a missing one is an error before any work.
+        self.special_ids = {p.special: tokenizer.special_id(p.special) for p in to_pieces(probe) if p.special}
+
+    def _special_id(self, token: str) -> int:
+        if token not in self.special_ids:
+            self.special_ids[token] = self.tokenizer.special_id(token)
+        return self.special_ids[token]
+
+    def encode_many(self, conversations: list[Conversation]) -> list[Sample]:
+        all_pieces = [self.to_pieces(c) for c in conversations]
+        texts = [p.text for pieces in all_pieces for p in pieces if p.text is not None]
+        encoded = iter(self.tokenizer.encode_batch(texts))
+        samples = []
+        for pieces in all_pieces:
+            ids: list[int] = []
+            mask: list[int] = []
+            for p in pieces:
+                part = next(encoded) if p.text is not None else [self._special_id(p.special)]
+                ids.extend(part)
+                mask.extend([int(p.loss)] * len(part))
+            samples.append(Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
+        return samples
+
+
+class JinjaEncoder:
+    """The tokenizer's own chat_template (Jinja, as transformers renders it), with exact assistant spans.
+
+    The span of assistant turn i is the text between rendering messages[:i] with the generation prompt and
+    rendering messages[:i+1], minus trailing whitespace (the end-of-turn token is inside it, the newline after
+    it is not). Tokens starting inside a span carry the loss.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, probe: Conversation):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not tokenizer.chat_template:
+            raise MegalignError(
+                f"--chat-template hf needs the tokenizer's chat_template (tokenizer_config.json or chat_template.jinja "
+                f"beside tokenizer.json); {tokenizer.path} has none. Use a built-in template: {', '.join(TEMPLATE_NAMES)}"
+            )
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(tokenizer.chat_template)
+        except jinja2.exceptions.TemplateError as e:
+            raise MegalignError(f"the chat_template of {tokenizer.path} does not parse: {e}") from None
+        self.tokenizer = tokenizer
+        self.variables = dict(tokenizer.special_tokens_map)
+        self.encode_many([probe])  # a template that cannot render a plain conversation fails here, not mid-run
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.variables)
+
+    def encode(self, conv: Conversation) -> Sample:
+        messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+        full = self._render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True)
+            through = self._render(messages[: i + 1], False)
+            if not (through.startswith(before) and full.startswith(through)):
+                raise MegalignError(
+                    "the tokenizer's chat_template does not render conversations prefix by prefix, so assistant "
+                    f"spans cannot be found; use a built-in template: {', '.join(TEMPLATE_NAMES)}"
+                )
+            spans.append((len(before), len(through.rstrip())))
+        ids, offsets = self.tokenizer.encode_with_offsets(full)
+        mask = [int(any(start <= s < end for start, end in spans)) for s, _ in offsets]
+        return Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
+
+    def encode_many(self, conversations: list[Conversation]) -> list[Sample]:
+        return [self.encode(c) for c in conversations]
+
+
+TEMPLATE_NAMES = ("llama2", "llama3", "chatml", "chatglm3", "hf")
+
+_PROBE = Conversation((Message("system", "s"), Message("user", "u"), Message("assistant", "a")))
+
+
+def make_encoder(name: str, tokenizer: Tokenizer) -> PieceEncoder | JinjaEncoder:
+    """The encoder for a template name; fails up-front on an unknown name or a missing special token."""
+    if name == "llama2":
+        bos, eos = tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>"
+        return PieceEncoder(tokenizer, lambda c: llama2_pieces(c, bos, eos), _PROBE)
+    if name == "llama3":
+        return PieceEncoder(tokenizer, llama3_pieces, _PROBE)
+    if name == "chatml":
+        return PieceEncoder(tokenizer, chatml_pieces, _PROBE)
+    if name == "chatglm3":
+        eos = tokenizer.eos_token or "</s>"
+        probe = Conversation(_PROBE.messages + (Message("user", "u"), Message("assistant", "a")))
+        return PieceEncoder(tokenizer, lambda c: chatglm3_pieces(c, eos), probe)
+    if name == "hf":
+        return JinjaEncoder(tokenizer, _PROBE)
+    raise MegalignError(f"unknown chat template {name!r}; valid: {', '.join(TEMPLATE_NAMES)}")
