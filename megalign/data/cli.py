@@ -12,6 +12,13 @@ from megalign.data.templates import TEMPLATE_NAMES
 from megalign.errors import MegalignError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (the full usage is one --help away)."""
+
+    def error(self, message):
+        _fail(f"{message} (see {self.prog} --help)")
+
+
 def _quiet_megatron_import_warnings() -> None:
     # The data tools only use megatron-core's IndexedDataset; its notice about TE/Apex being absent is noise here.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -23,7 +30,7 @@ def _fail(message: str) -> None:
 
 
 def preprocess_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="preprocess_data.py",
         description="Turn JSONL chats into a packed, indexed dataset (megalign format v1).",
     )
@@ -63,7 +70,7 @@ def preprocess_main(argv: list[str] | None = None) -> None:
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="inspect_dataset.py", description="Print the stats of a packed dataset.")
+    p = _Parser(prog="inspect_dataset.py", description="Print the stats of a packed dataset.")
     p.add_argument("prefix", help="dataset PREFIX (as given to --output-prefix)")
     p.add_argument("--plot", metavar="FILE.png", help="draw the sample-length histogram and pack fill")
     p.add_argument("--verify", default="full", choices=("full", "sizes"), help="checksum the files (default) or sizes only")

@@ -12,10 +12,10 @@ number of workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -136,7 +136,8 @@ def copies_of(seed: int, input_index: int, line_no: int, ratio: float) -> int:
     fraction = ratio - whole
     if fraction == 0:
         return whole
-    return whole + (random.Random(f"{seed}:{input_index}:{line_no}").random() < fraction)
+    digest = hashlib.blake2b(f"{seed}:{input_index}:{line_no}".encode(), digest_size=8).digest()
+    return whole + (int.from_bytes(digest, "little") / 2**64 < fraction)
 
 
 _worker_state: dict = {}

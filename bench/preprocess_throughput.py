@@ -1,0 +1,257 @@
+"""End-to-end throughput of the data pipeline against the raw tokenizer, side by side, for W = 1 and 2 processes.
+
+What is measured, per worker count W, in one run on one synthetic LongAlign-like corpus (long retrieval records
+of thousands of words plus short chats, megalign.data.synthetic) and one byte-level BPE tokenizer trained here:
+
+  pipeline  megalign.data.preprocess.preprocess(PreprocessOptions(..., workers=W)): read JSONL, parse, chat
+            template (chatml), tokenize, spill, pack (bfd), write the megatron-core IndexedDatasets and metadata.
+            Each run is a fresh spawned process, so every run pays the same start-up (including the main
+            process's megatron-core/torch import); the time is the library's own PreprocessResult.seconds.
+  raw       tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False) of every message content of the
+            same records, in a spawn Pool of W processes, one encode_batch call per chunk of the same records
+            the pipeline hands out (CHUNK_RECORDS). Timed from creating the pool to the last result (workers
+            return token counts only). The texts are read from the JSONL before the clock starts.
+
+TOKENIZERS_PARALLELISM=false in both: one tokenizer thread per process. Tokens are counted two ways:
+  content tokens  the tokens of the message contents: identical work for both (chatml tokenizes each content
+                  as its own piece), so `ratio` = pipeline content tokens/s / raw tokens/s is like for like.
+  sample tokens   the pipeline's metadata num_tokens: contents plus template tokens (role headers, separators).
+Fixed start-up cost is measured separately on a tiny input (a few short records): the seconds a run costs
+before it does any real work. `steady ratio` subtracts each side's start-up from its time, the ratio a corpus
+large enough to amortise start-up tends to. Each cell is the median over --repeats runs; raw and pipeline
+runs alternate. A per-stage breakdown of the pipeline's main process (wall seconds in each library stage,
+median) follows; --profile adds a cProfile of the pipeline's main process (one extra run per W).
+
+  /work/venv/bin/python bench/preprocess_throughput.py [--long 1000 --short 20000 --repeats 3 --workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before anything imports tokenizers; spawned children inherit it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def build_inputs(tmp: Path, args) -> dict:
+    """The corpus (long.jsonl + short.jsonl), a tiny corpus for start-up cost, and the tokenizer."""
+    from megalign.data import synthetic
+    from megalign.data.tokenizer_training import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(synthetic.corpus(args.seed, n_words=200_000), tmp / "tokenizer", args.vocab_size)
+    big = synthetic.make_example(tmp / "big", args.long, args.short, args.min_words, args.max_words, args.seed)
+    tiny = synthetic.make_example(tmp / "tiny", 0, 8, args.min_words, args.max_words, args.seed)
+    return {"tokenizer": str(tokenizer), "big": [str(big["long"]), str(big["short"])],
+            "tiny": [str(tiny["long"]), str(tiny["short"])]}
+
+
+def content_chunks(paths: list[str]) -> list[list[str]]:
+    """Every message content, grouped by the same records as the pipeline's chunks (so many records, so many bytes)."""
+    from megalign.data.preprocess import CHUNK_BYTES, CHUNK_RECORDS
+
+    chunks, chunk, records, size = [], [], 0, 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for line in f:
+                chunk += [m["content"] for m in json.loads(line)["messages"]]
+                records, size = records + 1, size + len(line.rstrip(b"\r\n"))
+                if records >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+                    chunks.append(chunk)
+                    chunk, records, size = [], 0, 0
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------- raw tokenizer
+
+_raw_tokenizer = None
+
+
+def _raw_init(tokenizer_dir: str) -> None:
+    global _raw_tokenizer
+    from tokenizers import Tokenizer
+
+    _raw_tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+
+
+def _raw_encode(texts: list[str]) -> int:
+    return sum(len(e.ids) for e in _raw_tokenizer.encode_batch(texts, add_special_tokens=False))
+
+
+def run_raw(tokenizer_dir: str, chunks: list[list[str]], workers: int) -> tuple[float, int]:
+    """(seconds, content tokens) of encoding `chunks` in a fresh spawn Pool of `workers` processes."""
+    started = time.perf_counter()
+    with SPAWN.Pool(workers, initializer=_raw_init, initargs=(tokenizer_dir,)) as pool:
+        tokens = sum(pool.imap(_raw_encode, chunks))
+    return time.perf_counter() - started, tokens
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+STAGES = {  # (module, function) -> stage name; preprocess() calls each through its module
+    ("megalign.data.preprocess", "_tokenize_all"): "read+tokenize",
+    ("megalign.data.packing", "pack"): "pack",
+    ("megalign.data.writer", "write_packs"): "write",
+    ("megalign.data.writer", "file_records"): "checksum",
+}
+
+
+def _time_stages(stage_seconds: dict) -> None:
+    """Wrap each library stage so that its wall time adds up in stage_seconds."""
+    import importlib
+
+    def timed(fn, name):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                stage_seconds[name] = stage_seconds.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    for (module, function), name in STAGES.items():
+        mod = importlib.import_module(module)
+        setattr(mod, function, timed(getattr(mod, function), name))
+
+
+def _pipeline_child(opts, profile_path: str | None, results) -> None:
+    import warnings
+
+    from megalign.data.preprocess import preprocess
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")  # as the CLI does
+
+    stage_seconds: dict = {}
+    _time_stages(stage_seconds)
+    if profile_path:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result = profiler.runcall(preprocess, opts)
+        profiler.dump_stats(profile_path)
+    else:
+        result = preprocess(opts)
+    stage_seconds["other (start-up, metadata)"] = result.seconds - sum(stage_seconds.values())
+    results.put((result.seconds, result.metadata["num_tokens"], stage_seconds))
+
+
+def run_pipeline(inputs: list[str], tokenizer_dir: str, out_dir: Path, workers: int,
+                 profile_path: str | None = None) -> tuple[float, int, dict]:
+    """(seconds, sample tokens, seconds per stage) of one preprocess() run in a fresh spawned process."""
+    from megalign.data.preprocess import PreprocessOptions
+
+    opts = PreprocessOptions(inputs=inputs, tokenizer=tokenizer_dir, chat_template="chatml", seq_length=65536,
+                             output_prefix=str(out_dir / "ds"), workers=workers, overwrite=True, progress=False)
+    results = SPAWN.Queue()
+    child = SPAWN.Process(target=_pipeline_child, args=(opts, profile_path, results))
+    child.start()
+    child.join()  # the result is a few numbers: the queue's buffer cannot block the child's exit
+    if child.exitcode != 0:
+        raise RuntimeError(f"pipeline run failed with exit code {child.exitcode}")
+    return results.get()
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def measure(files: dict, chunks, tiny_chunks, workers: int, repeats: int, out_dir: Path) -> dict:
+    """Median seconds of raw and pipeline on the corpus and on the tiny input, for one worker count."""
+    raw_s, pipe_s, stages, raw_tiny, pipe_tiny = [], [], [], [], []
+    raw_tokens = sample_tokens = None
+    for _ in range(repeats):
+        seconds, raw_tokens = run_raw(files["tokenizer"], chunks, workers)
+        raw_s.append(seconds)
+        seconds, sample_tokens, stage_seconds = run_pipeline(files["big"], files["tokenizer"], out_dir, workers)
+        pipe_s.append(seconds)
+        stages.append(stage_seconds)
+        raw_tiny.append(run_raw(files["tokenizer"], tiny_chunks, workers)[0])
+        pipe_tiny.append(run_pipeline(files["tiny"], files["tokenizer"], out_dir, workers)[0])
+    med = statistics.median
+    return {"workers": workers, "raw_s": med(raw_s), "pipe_s": med(pipe_s), "raw_tokens": raw_tokens,
+            "sample_tokens": sample_tokens, "raw_startup": med(raw_tiny), "pipe_startup": med(pipe_tiny),
+            "stages": {k: med(s[k] for s in stages) for k in stages[0]}, "runs": repeats}
+
+
+def throughput_table(rows: list[dict]) -> str:
+    lines = ["| W | raw s | raw tok/s | pipeline s | pipeline content tok/s | pipeline sample tok/s | ratio "
+             "| start-up s (raw / pipeline) | steady ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        raw_rate = r["raw_tokens"] / r["raw_s"]
+        content_rate = r["raw_tokens"] / r["pipe_s"]
+        steady = (r["raw_s"] - r["raw_startup"]) / (r["pipe_s"] - r["pipe_startup"])
+        lines.append(f"| {r['workers']} | {r['raw_s']:.1f} | {raw_rate:,.0f} | {r['pipe_s']:.1f} | {content_rate:,.0f} "
+                     f"| {r['sample_tokens'] / r['pipe_s']:,.0f} | **{content_rate / raw_rate:.2f}** "
+                     f"| {r['raw_startup']:.2f} / {r['pipe_startup']:.2f} | {steady:.2f} |")
+    return "\n".join(lines)
+
+
+def stage_table(rows: list[dict]) -> str:
+    names = list(rows[0]["stages"])
+    lines = ["| W | " + " | ".join(names) + " | total |", "|---" * (len(names) + 2) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{r['stages'][n]:.2f}" for n in names)
+        lines.append(f"| {r['workers']} | {cells} | {r['pipe_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def print_profile(path: str, top: int) -> None:
+    import pstats
+
+    pstats.Stats(path).sort_stats("tottime").print_stats(top)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--long", type=int, default=1000, help="long records (default 1000)")
+    p.add_argument("--short", type=int, default=20000, help="short chat records (default 20000)")
+    p.add_argument("--min-words", type=int, default=2000, help="words per long record, at least (default 2000)")
+    p.add_argument("--max-words", type=int, default=30000, help="words per long record, at most (default 30000)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
+    p.add_argument("--profile", action="store_true", help="also cProfile the pipeline's main process, per W")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        files = build_inputs(tmp, args)
+        chunks, tiny_chunks = content_chunks(files["big"]), content_chunks(files["tiny"])
+        print(f"corpus: {args.long} long records ({args.min_words}-{args.max_words} words) + {args.short} short chats, "
+              f"{sum(map(len, chunks))} message contents; tokenizer vocab {args.vocab_size}; "
+              f"built in {time.perf_counter() - started:.1f} s\n")
+        rows = []
+        for w in args.workers:
+            rows.append(measure(files, chunks, tiny_chunks, w, args.repeats, tmp))
+            print(f"W={w} done ({rows[-1]['raw_tokens']:,} content tokens, {rows[-1]['sample_tokens']:,} sample tokens)",
+                  file=sys.stderr)
+        r = rows[0]
+        print(f"content tokens {r['raw_tokens']:,}; sample tokens {r['sample_tokens']:,} "
+              f"(template adds {r['sample_tokens'] / r['raw_tokens'] - 1:.1%}); median of {args.repeats} run(s)\n")
+        print(throughput_table(rows))
+        print("\npipeline main process, wall seconds per stage (median):\n")
+        print(stage_table(rows))
+        if args.profile:
+            for w in args.workers:
+                path = str(tmp / f"profile-w{w}.pstats")
+                run_pipeline(files["big"], files["tokenizer"], tmp, w, profile_path=path)
+                print(f"\ncProfile of the pipeline's main process, W={w} (top by own time):")
+                print_profile(path, 15)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole pipeline on a small built-in example, offline, on a laptop CPU:
+#   make a long-context retrieval set + short chats and a BPE tokenizer, pack them at 4k, inspect the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=$(bash scripts/install.sh | tail -n 1)
+py="$venv/bin/python"
+out="${1:-runs/quickstart}"
+mkdir -p "$out"
+
+"$py" tools/make_example_data.py --out "$out/data" --long 200 --short 800
+"$py" tools/preprocess_data.py \
+  --input "$out/data/long.jsonl" "$out/data/short.jsonl" --ratios 1 0.5 \
+  --tokenizer "$out/data/tokenizer" --chat-template chatml \
+  --seq-length 4096 --packing bfd --workers 2 --seed 1234 \
+  --output-prefix "$out/packed" --overwrite
+"$py" tools/inspect_dataset.py "$out/packed" --plot "$out/packed.png"
+
+echo
+echo "dataset: $out/packed.{bin,idx,json}, $out/packed_loss_mask.{bin,idx}; rejects: $out/packed.rejects.jsonl"
+echo "plot:    $out/packed.png"

@@ -1,0 +1,69 @@
+"""Shared fixtures: tokenizers built offline by the tests themselves (never downloaded)."""
+
+import json
+import os
+import random
+
+import pytest
+from hypothesis import settings
+
+# Same examples on every run: a CI failure is reproducible, never a coin toss.
+settings.register_profile("megalign", derandomize=True, deadline=None, max_examples=100)
+settings.load_profile("megalign")
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIALS = [
+    "<unk>", "<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|im_start|>", "<|im_end|>", "[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+]
+WORDS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", " ", "\n", "system", "user", "assistant",
+         "be", "brief", "hi", "hello", "bye", "ok"]
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer.json with a fixed vocabulary: every id is known, so golden tests read plainly.
+
+    Whitespace characters are tokens of their own; special tokens have ids 0..14, words 15.. in WORDS order.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from megalign.data.tokenizer_training import CHATML_JINJA
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), behavior="isolated")
+    tok.add_special_tokens(SPECIALS)
+    out = tmp_path_factory.mktemp("word_tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML_JINJA}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (+ tokenizer_config.json with a ChatML chat_template) trained here."""
+    from megalign.data import synthetic
+    from megalign.data.tokenizer_training import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(synthetic.corpus(seed=0, n_words=5000), tmp_path_factory.mktemp("bpe"), vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory):
+    """A SentencePiece .model trained here, with the chat templates' special tokens as user-defined symbols."""
+    import sentencepiece as spm
+
+    from megalign.data import synthetic
+
+    out = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    sentences = [synthetic.filler(rng, 40) for _ in range(300)]
+    specials = [s for s in SPECIALS if s not in ("<unk>", "<s>", "</s>")]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(out / "sp"), vocab_size=300,
+        user_defined_symbols=specials + ["[INST]", "[/INST]"], model_type="bpe", minloglevel=2,
+    )
+    return out / "sp.model"
