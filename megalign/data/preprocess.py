@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +275,8 @@ def _no_progress(opts: PreprocessOptions) -> bool | None:
 
 def _tokenize_all(opts, counts, store, temp_prefix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pass 1. Returns, per sample, its store slot; per slot, its length and number of loss targets."""
-    sample_slots, slot_lengths, slot_loss_tokens = [], [], []
+    # 8 bytes per sample (array, not list): memory grows with the number of samples only, and slowly.
+    sample_slots, slot_lengths, slot_loss_tokens = array("q"), array("q"), array("q")
     with open(fmt.rejects_file(temp_prefix), "w", encoding="utf-8") as rejects, \
             tqdm(unit="rec", desc="tokenize", disable=_no_progress(opts)) as bar:
         for outcomes, copies in _map_in_order(opts, _chunks(opts, counts)):
@@ -295,8 +297,8 @@ def _tokenize_all(opts, counts, store, temp_prefix) -> tuple[np.ndarray, np.ndar
                 c.duplicated += n - 1
                 c.truncated += truncated
             bar.update(len(outcomes))
-    return (np.asarray(sample_slots, dtype=np.int64), np.asarray(slot_lengths, dtype=np.int64),
-            np.asarray(slot_loss_tokens, dtype=np.int64))
+    return tuple(np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+                 for a in (sample_slots, slot_lengths, slot_loss_tokens))
 
 
 def _total_counts(counts: list[InputCounts]) -> dict:

@@ -104,6 +104,12 @@ def parse_record(raw: bytes) -> Conversation:
             )
         if not content.strip():
             raise RecordRejected(RejectReason.EMPTY_CONTENT, f"message {i} ({role}) is empty")
+        try:  # JSON can escape lone surrogates (\ud800) that no UTF-8 tokenizer accepts
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordRejected(
+                RejectReason.INVALID_UTF8, f"message {i} has an unpaired surrogate escape at character {e.start}"
+            ) from None
         messages.append(Message(role, content))
 
     _check_turn_order(messages)

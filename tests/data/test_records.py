@@ -28,6 +28,7 @@ def test_sharegpt_shape_maps_roles():
 BAD = [
     (b'{"messages": [', "malformed_json"),
     (b"\xff\xfe{}", "invalid_utf8"),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "y"}]}', "invalid_utf8"),
     (b"[1, 2]", "wrong_shape"),
     (line({"text": "hi"}), "wrong_shape"),
     (line({"messages": []}), "wrong_shape"),
