@@ -31,6 +31,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -91,12 +92,21 @@ def _raw_encode(texts: list[str]) -> int:
     return sum(len(e.ids) for e in _raw_tokenizer.encode_batch(texts, add_special_tokens=False))
 
 
-def run_raw(tokenizer_dir: str, chunks: list[list[str]], workers: int) -> tuple[float, int]:
-    """(seconds, content tokens) of encoding `chunks` in a fresh spawn Pool of `workers` processes."""
+def cpu_seconds(who: int) -> float:
+    """User + system CPU seconds of this process (RUSAGE_SELF) or of its reaped children (RUSAGE_CHILDREN)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_raw(tokenizer_dir: str, chunks: list[list[str]], workers: int) -> dict:
+    """Seconds, content tokens and CPU seconds (main, workers) of encoding `chunks` in a fresh spawn Pool."""
+    main_cpu, worker_cpu = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with SPAWN.Pool(workers, initializer=_raw_init, initargs=(tokenizer_dir,)) as pool:
         tokens = sum(pool.imap(_raw_encode, chunks))
-    return time.perf_counter() - started, tokens
+    seconds = time.perf_counter() - started  # the pool's exit reaps the workers, so their CPU is counted below
+    return {"seconds": seconds, "tokens": tokens, "main_cpu": cpu_seconds(resource.RUSAGE_SELF) - main_cpu,
+            "worker_cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - worker_cpu}
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -145,12 +155,15 @@ def _pipeline_child(opts, profile_path: str | None, results) -> None:
     else:
         result = preprocess(opts)
     stage_seconds["other (start-up, metadata)"] = result.seconds - sum(stage_seconds.values())
-    results.put((result.seconds, result.metadata["num_tokens"], stage_seconds))
+    results.put({"seconds": result.seconds, "tokens": result.metadata["num_tokens"], "stages": stage_seconds,
+                 "main_cpu": cpu_seconds(resource.RUSAGE_SELF), "worker_cpu": cpu_seconds(resource.RUSAGE_CHILDREN)})
 
 
 def run_pipeline(inputs: list[str], tokenizer_dir: str, out_dir: Path, workers: int,
-                 profile_path: str | None = None) -> tuple[float, int, dict]:
-    """(seconds, sample tokens, seconds per stage) of one preprocess() run in a fresh spawned process."""
+                 profile_path: str | None = None) -> dict:
+    """Seconds, sample tokens, seconds per stage and CPU seconds of one preprocess() run in a fresh process.
+
+    The main process's CPU includes its interpreter start and imports (about a second), outside `seconds`."""
     from megalign.data.preprocess import PreprocessOptions
 
     opts = PreprocessOptions(inputs=inputs, tokenizer=tokenizer_dir, chat_template="chatml", seq_length=65536,
@@ -167,34 +180,44 @@ def run_pipeline(inputs: list[str], tokenizer_dir: str, out_dir: Path, workers: 
 # ---------------------------------------------------------------------------------------------- report
 
 def measure(files: dict, chunks, tiny_chunks, workers: int, repeats: int, out_dir: Path) -> dict:
-    """Median seconds of raw and pipeline on the corpus and on the tiny input, for one worker count."""
-    raw_s, pipe_s, stages, raw_tiny, pipe_tiny = [], [], [], [], []
-    raw_tokens = sample_tokens = None
-    for _ in range(repeats):
-        seconds, raw_tokens = run_raw(files["tokenizer"], chunks, workers)
-        raw_s.append(seconds)
-        seconds, sample_tokens, stage_seconds = run_pipeline(files["big"], files["tokenizer"], out_dir, workers)
-        pipe_s.append(seconds)
-        stages.append(stage_seconds)
-        raw_tiny.append(run_raw(files["tokenizer"], tiny_chunks, workers)[0])
-        pipe_tiny.append(run_pipeline(files["tiny"], files["tokenizer"], out_dir, workers)[0])
+    """Medians over `repeats` of raw and pipeline on the corpus and on the tiny input, for one worker count."""
+    runs = {"raw": [], "pipeline": [], "raw_tiny": [], "pipeline_tiny": []}
+    for _ in range(repeats):  # alternate, so that drift in the machine's speed hits both sides alike
+        runs["raw"].append(run_raw(files["tokenizer"], chunks, workers))
+        runs["pipeline"].append(run_pipeline(files["big"], files["tokenizer"], out_dir, workers))
+        runs["raw_tiny"].append(run_raw(files["tokenizer"], tiny_chunks, workers))
+        runs["pipeline_tiny"].append(run_pipeline(files["tiny"], files["tokenizer"], out_dir, workers))
     med = statistics.median
-    return {"workers": workers, "raw_s": med(raw_s), "pipe_s": med(pipe_s), "raw_tokens": raw_tokens,
-            "sample_tokens": sample_tokens, "raw_startup": med(raw_tiny), "pipe_startup": med(pipe_tiny),
-            "stages": {k: med(s[k] for s in stages) for k in stages[0]}, "runs": repeats}
+    row = {"workers": workers, "content_tokens": runs["raw"][0]["tokens"], "sample_tokens": runs["pipeline"][0]["tokens"],
+           "stages": {k: med(r["stages"][k] for r in runs["pipeline"]) for k in runs["pipeline"][0]["stages"]}}
+    for side, rs in runs.items():
+        row[side] = {k: med(r[k] for r in rs) for k in ("seconds", "main_cpu", "worker_cpu")}
+        row[side]["all"] = [r["seconds"] for r in rs]
+    return row
 
 
 def throughput_table(rows: list[dict]) -> str:
-    lines = ["| W | raw s | raw tok/s | pipeline s | pipeline content tok/s | pipeline sample tok/s | ratio "
-             "| start-up s (raw / pipeline) | steady ratio |",
+    lines = ["| W | raw s | raw tok/s | pipeline s | pipeline tok/s (content) | pipeline tok/s (sample) | ratio "
+             "| start-up s raw / pipeline | steady ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        raw_rate = r["raw_tokens"] / r["raw_s"]
-        content_rate = r["raw_tokens"] / r["pipe_s"]
-        steady = (r["raw_s"] - r["raw_startup"]) / (r["pipe_s"] - r["pipe_startup"])
-        lines.append(f"| {r['workers']} | {r['raw_s']:.1f} | {raw_rate:,.0f} | {r['pipe_s']:.1f} | {content_rate:,.0f} "
-                     f"| {r['sample_tokens'] / r['pipe_s']:,.0f} | **{content_rate / raw_rate:.2f}** "
-                     f"| {r['raw_startup']:.2f} / {r['pipe_startup']:.2f} | {steady:.2f} |")
+        raw, pipe = r["raw"]["seconds"], r["pipeline"]["seconds"]
+        raw_start, pipe_start = r["raw_tiny"]["seconds"], r["pipeline_tiny"]["seconds"]
+        raw_rate, content_rate = r["content_tokens"] / raw, r["content_tokens"] / pipe
+        lines.append(f"| {r['workers']} | {raw:.1f} | {raw_rate:,.0f} | {pipe:.1f} | {content_rate:,.0f} "
+                     f"| {r['sample_tokens'] / pipe:,.0f} | **{content_rate / raw_rate:.2f}** "
+                     f"| {raw_start:.2f} / {pipe_start:.2f} | {(raw - raw_start) / (pipe - pipe_start):.2f} |")
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[dict]) -> str:
+    lines = ["| W | raw CPU s main / workers | pipeline CPU s main / workers | raw runs s | pipeline runs s |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        raw, pipe = r["raw"], r["pipeline"]
+        lines.append(f"| {r['workers']} | {raw['main_cpu']:.1f} / {raw['worker_cpu']:.1f} "
+                     f"| {pipe['main_cpu']:.1f} / {pipe['worker_cpu']:.1f} "
+                     f"| {', '.join(f'{s:.1f}' for s in raw['all'])} | {', '.join(f'{s:.1f}' for s in pipe['all'])} |")
     return "\n".join(lines)
 
 
@@ -203,7 +226,7 @@ def stage_table(rows: list[dict]) -> str:
     lines = ["| W | " + " | ".join(names) + " | total |", "|---" * (len(names) + 2) + "|"]
     for r in rows:
         cells = " | ".join(f"{r['stages'][n]:.2f}" for n in names)
-        lines.append(f"| {r['workers']} | {cells} | {r['pipe_s']:.2f} |")
+        lines.append(f"| {r['workers']} | {cells} | {r['pipeline']['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -237,12 +260,13 @@ def main() -> None:
         rows = []
         for w in args.workers:
             rows.append(measure(files, chunks, tiny_chunks, w, args.repeats, tmp))
-            print(f"W={w} done ({rows[-1]['raw_tokens']:,} content tokens, {rows[-1]['sample_tokens']:,} sample tokens)",
-                  file=sys.stderr)
+            print(f"W={w} done", file=sys.stderr)
         r = rows[0]
-        print(f"content tokens {r['raw_tokens']:,}; sample tokens {r['sample_tokens']:,} "
-              f"(template adds {r['sample_tokens'] / r['raw_tokens'] - 1:.1%}); median of {args.repeats} run(s)\n")
+        print(f"content tokens {r['content_tokens']:,}; sample tokens {r['sample_tokens']:,} (template adds "
+              f"{r['sample_tokens'] / r['content_tokens'] - 1:.1%}); medians of {args.repeats} run(s)\n")
         print(throughput_table(rows))
+        print("\nCPU seconds (median) and every run's wall seconds:\n")
+        print(cpu_table(rows))
         print("\npipeline main process, wall seconds per stage (median):\n")
         print(stage_table(rows))
         if args.profile:

@@ -1,0 +1,238 @@
+"""One typed config tree: YAML in, `key.sub=value` overrides on the command line, validated up-front.
+
+Merging and type checking are OmegaConf's (structured configs); the rules between keys (divisibility,
+existence of the data, valid names) are `validate`, which runs before any process group starts and reports
+each problem as one line naming the key and a value that would work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megalign.errors import MegalignError
+
+LOSS_MODES = ("sequence", "token", "pack")
+DEVICES = ("auto", "cpu", "cuda")
+RECOMPUTE = ("none", "selective", "full")
+ROPE_SCALING = ("none", "linear", "ntk", "yarn", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # a name from megalign.model.presets; keys set here override it
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups; None: one per head (MHA)
+    kv_channels: Optional[int] = None  # head dim; None: hidden_size / num_attention_heads
+    vocab_size: Optional[int] = None  # None: the dataset tokenizer's vocabulary
+    make_vocab_size_divisible_by: int = 128  # padding is the same at every TP size (128 % tp == 0)
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"  # swiglu | gelu
+    add_qkv_bias: bool = False  # Qwen2
+    add_bias_linear: bool = False
+    tie_embeddings: bool = False
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0  # GLM: 0.5
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    attention_backend: str = "auto"  # auto | te | flash | torch | sdpa
+    recompute: str = "none"  # none | selective (attention core) | full (every layer)
+
+
+@dataclass
+class DataConfig:
+    path: Any = MISSING  # a PREFIX, or a list of PREFIXes
+    weights: Optional[list[float]] = None  # one per path: sampling weights for mixing
+    verify: str = "sizes"  # sizes | full (sha256 of every file at start)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    global_batch: int = 8  # packs per optimizer step (micro-batches of one pack each, over all DP ranks)
+    steps: int = 100
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    loss: str = "sequence"  # sequence (LongAlign) | token | pack
+
+
+@dataclass
+class CheckpointConfig:
+    save_at_end: bool = True
+    dir: Optional[str] = None  # None: run.output_dir/checkpoints
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    log_interval: int = 1
+    tensorboard: bool = True
+    wandb: str = "off"  # off | offline | online (online needs WANDB_API_KEY)
+    wandb_project: str = "megalign"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def data_paths(self) -> list[str]:
+        return [self.data.path] if isinstance(self.data.path, str) else list(self.data.path)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    message = str(e).splitlines()[0]
+    return f"config key {key}: {message}" if key else f"config: {message}"
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- model preset <- YAML file <- `key.sub=value` overrides; types checked by OmegaConf."""
+    try:
+        layers = [OmegaConf.load(path)] if path else []
+    except FileNotFoundError:
+        raise MegalignError(f"--config {path}: no such file") from None
+    except Exception as e:  # YAML syntax errors
+        raise MegalignError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise MegalignError(f"override {bad[0]!r} is not key=value (e.g. training.lr=1e-5)")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+        preset_name = OmegaConf.select(raw, "model.preset")
+        base = OmegaConf.structured(Config)
+        if preset_name:
+            from megalign.model.presets import preset
+
+            base = OmegaConf.merge(base, {"model": preset(preset_name)})
+        merged = OmegaConf.merge(base, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise MegalignError(_one_line(e)) from None
+    if isinstance(cfg.data.path, (ListConfig, DictConfig)):
+        cfg.data.path = OmegaConf.to_container(cfg.data.path)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise MegalignError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _divisor_hint(n: int, limit: int = 64) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Every rule between keys, checked before any process group starts (one line per problem, first wins)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    _check_choice("training.loss", t.loss, LOSS_MODES)
+    _check_choice("run.device", cfg.run.device, DEVICES)
+    _check_choice("model.recompute", m.recompute, RECOMPUTE)
+    _check_choice("model.rope_scaling", m.rope_scaling, ROPE_SCALING)
+    _check_choice("model.activation", m.activation, ("swiglu", "gelu"))
+    _check_choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
+    _check_choice("run.wandb", cfg.run.wandb, ("off", "offline", "online"))
+    _check_choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    from megalign.model.attention import BACKENDS
+
+    _check_choice("model.attention_backend", m.attention_backend, BACKENDS)
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
+                       ("training.global_batch", t.global_batch), ("training.steps", t.steps)):
+        if value < 1:
+            raise MegalignError(f"config key {key}: must be >= 1, got {value}")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise MegalignError(
+            f"config keys parallel.tp*pp*cp = {model_parallel} must divide the world size {world_size}; "
+            f"with {world_size} processes, tp*pp*cp can be one of {_divisor_hint(world_size)}"
+        )
+    if p.cp != 1:
+        raise MegalignError("config key parallel.cp: context parallelism is not available yet; set parallel.cp=1")
+    dp = world_size // model_parallel
+    if m.num_attention_heads % p.tp:
+        raise MegalignError(f"config key parallel.tp={p.tp} must divide model.num_attention_heads="
+                            f"{m.num_attention_heads}; try tp in {_divisor_hint(m.num_attention_heads)}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        raise MegalignError(f"config key model.num_query_groups={groups} must divide model.num_attention_heads="
+                            f"{m.num_attention_heads}")
+    if groups % p.tp:
+        raise MegalignError(f"config key parallel.tp={p.tp} must divide model.num_query_groups={groups}; "
+                            f"try tp in {_divisor_hint(groups)}")
+    if m.num_layers % p.pp:
+        raise MegalignError(f"config key parallel.pp={p.pp} must divide model.num_layers={m.num_layers}; "
+                            f"try pp in {_divisor_hint(m.num_layers)}")
+    if m.make_vocab_size_divisible_by % p.tp:
+        raise MegalignError(f"config key model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} "
+                            f"must be a multiple of parallel.tp={p.tp} (e.g. {128 * p.tp})")
+    if (m.kv_channels is None) and m.hidden_size % m.num_attention_heads:
+        raise MegalignError(f"config key model.hidden_size={m.hidden_size} is not divisible by "
+                            f"model.num_attention_heads={m.num_attention_heads}; set model.kv_channels")
+    if t.global_batch % dp:
+        raise MegalignError(f"config key training.global_batch={t.global_batch} must be a multiple of the data-parallel "
+                            f"size {dp}; try training.global_batch={max(dp, t.global_batch // dp * dp)}")
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    if cfg.data.path is MISSING or cfg.data.path in (None, "???"):
+        raise MegalignError("config key data.path is missing: give a PREFIX written by tools/preprocess_data.py")
+    paths = cfg.data_paths
+    if not paths or not all(isinstance(x, str) for x in paths):
+        raise MegalignError(f"config key data.path: expected a PREFIX or a list of PREFIXes, got {cfg.data.path!r}")
+    for prefix in paths:
+        if not os.path.isfile(prefix + ".json"):
+            raise MegalignError(f"config key data.path: {prefix}.json not found (a PREFIX written by "
+                                "tools/preprocess_data.py, without .bin/.idx)")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(paths):
+        raise MegalignError(f"config key data.weights: {len(cfg.data.weights)} weights for {len(paths)} paths")
+    if cfg.data.weights is not None and (min(cfg.data.weights) < 0 or sum(cfg.data.weights) <= 0):
+        raise MegalignError("config key data.weights: weights must be >= 0 with a positive sum")
+    metas = [json.loads(open(p + ".json").read()) for p in paths]
+    vocab = {m["tokenizer"]["sha256"] for m in metas}
+    if len(vocab) > 1:
+        raise MegalignError("config key data.path: the datasets were made with different tokenizers")
+    need = max(m["tokenizer"]["vocab_size"] for m in metas)
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < need:
+        raise MegalignError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the dataset "
+                            f"tokenizer's {need}; leave it unset to use the tokenizer's")

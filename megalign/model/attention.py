@@ -1,0 +1,147 @@
+"""Core attention for packed (THD) batches: one module slot in the layer spec, several backends.
+
+megatron-core's own DotProductAttention refuses packed sequences, so the local layer spec gets one of these
+in its `core_attention` slot. Each takes q/k/v as megatron hands them to core attention ([t, heads, dim] for
+THD, with cu_seqlens in PackedSeqParams; [s, b, heads, dim] otherwise) and returns [t, heads*dim]
+(or [s, b, heads*dim]). No token ever attends across a sequence boundary.
+
+  sdpa   torch scaled_dot_product_attention, causal, one sequence at a time: the reference, runs anywhere
+  torch  torch.nn.attention.varlen.varlen_attn (FlashAttention built into PyTorch >= 2.9), CUDA only
+  flash  flash-attn's flash_attn_varlen_func, CUDA only
+  te     TransformerEngine's DotProductAttention (chosen through TE's own layer spec, see model/spec.py)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from megalign.errors import MegalignError
+
+BACKENDS = ("auto", "te", "flash", "torch", "sdpa")
+
+
+class _PackedCoreAttention(MegatronModule):
+    """Shared plumbing: constructor signature of megatron's core attention, THD/SBHD dispatch."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise MegalignError("context parallelism needs the CP attention (issue: beyond 64k); set parallel.cp: 1")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PackedSeqParams | None = None):
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by megalign's core attention")
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is None:  # [s, b, h, d]: every row is one causal sequence
+            s, b = query.shape[:2]
+            q, k, v = (x.permute(1, 0, 2, 3).reshape(b * s, *x.shape[2:]) for x in (query, key, value))
+            cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
+            out = self.attend(q, k, v, cu_seqlens, s, dropout)
+            return out.reshape(b, s, -1).permute(1, 0, 2).contiguous()
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(f"qkv_format {packed_seq_params.qkv_format!r}; megalign packs as 'thd'")
+        cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+        if cu_seqlens is None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+        out = self.attend(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, dropout)
+        return out.reshape(out.shape[0], -1)
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout) -> torch.Tensor:
+        """q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d], causal within each cu_seqlens segment."""
+        raise NotImplementedError
+
+
+class SDPAAttention(_PackedCoreAttention):
+    """The reference: causal SDPA per sequence (no cross-sequence work, no t x t mask)."""
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
+        bounds = cu_seqlens.tolist()
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end == start:
+                continue
+            qi, ki, vi = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, n, d]
+            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, is_causal=True,
+                                               scale=self.softmax_scale, enable_gqa=ki.shape[1] != qi.shape[1])
+            outputs.append(o.squeeze(0).transpose(0, 1))
+        return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+class TorchVarlenAttention(_PackedCoreAttention):
+    """FlashAttention varlen built into PyTorch (CUDA, bf16/fp16)."""
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        if dropout:
+            raise MegalignError("model.attention_backend torch has no attention dropout; set model.attention_dropout: 0")
+        # Causality is spelled is_causal=True in some torch releases and window_size=(-1, 0) in others.
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                causal["enable_gqa"] = True
+            else:
+                k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+        cu = cu_seqlens.to(torch.int32)
+        return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=self.softmax_scale, **causal)
+
+
+class FlashAttnVarlenAttention(_PackedCoreAttention):
+    """flash-attn's varlen kernel (CUDA, bf16/fp16)."""
+
+    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
+        from flash_attn import flash_attn_varlen_func
+
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), dropout_p=dropout,
+                                      softmax_scale=self.softmax_scale, causal=True)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, best first."""
+    found = []
+    if torch.cuda.is_available():
+        if _installed("transformer_engine"):
+            found.append("te")
+        if _installed("flash_attn"):
+            found.append("flash")
+        if hasattr(torch.nn.attention, "varlen") or _installed("torch.nn.attention.varlen"):
+            found.append("torch")
+    found.append("sdpa")
+    return found
+
+
+def resolve_backend(name: str) -> str:
+    """`auto` -> the best available; an explicit backend that cannot run here is a clear error."""
+    if name not in BACKENDS:
+        raise MegalignError(f"model.attention_backend {name!r} is unknown; valid: {', '.join(BACKENDS)}")
+    available = available_backends()
+    if name == "auto":
+        return available[0]
+    if name not in available:
+        raise MegalignError(
+            f"model.attention_backend {name} cannot run here (CUDA: {torch.cuda.is_available()}); "
+            f"available: {', '.join(available)}"
+        )
+    return name
+
+
+CORE_ATTENTION = {"sdpa": SDPAAttention, "torch": TorchVarlenAttention, "flash": FlashAttnVarlenAttention}

@@ -1,0 +1,111 @@
+"""Build megatron-core's GPTModel (Llama-family options) for this rank's TP/PP position."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megalign.config import Config, ModelConfig
+from megalign.model.attention import CORE_ATTENTION
+
+
+def padded_vocab_size(model: ModelConfig) -> int:
+    """The vocabulary rounded up to make_vocab_size_divisible_by: the same at every TP size."""
+    k = model.make_vocab_size_divisible_by
+    return -(-model.vocab_size // k) * k
+
+
+def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    recompute = {}
+    if m.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif m.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        context_parallel_size=p.cp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # Weights are drawn by megalign.model.init (the same full model at every layout), not here.
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        # Packed micro-batches differ in length: p2p sends shapes first (megatron needs the alltoall
+        # dispatcher setting for that, even without MoE).
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        # LongAlign weighting: each micro-batch returns (weighted loss sum, count), megatron divides by the
+        # global count (see training/loss.py).
+        calculate_per_token_loss=True,
+        # Fused kernels come from TE/Apex; the plain-torch path must not ask for them.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **recompute,
+    )
+
+
+def layer_spec(backend: str):
+    """The local (plain megatron-core) layer spec with a THD-capable core attention; TE's own spec for `te`."""
+    if backend == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    attention = spec.submodules.self_attention
+    attention.submodules.core_attention = CORE_ATTENTION[backend]
+    attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal}
+    return spec
+
+
+def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32) -> GPTModel:
+    """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn."""
+    m = cfg.model
+    config = transformer_config(cfg, params_dtype)
+    spec = layer_spec(backend)
+    if m.normalization == "LayerNorm" and backend != "te":
+        spec = copy.deepcopy(get_gpt_layer_local_spec())
+        spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[backend]
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(m),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=m.rotary_percent,
+        rotary_base=int(m.rotary_base),
+        rope_scaling=m.rope_scaling == "llama3",
+        rope_scaling_factor=m.rope_scaling_factor,
+        seq_len_interpolation_factor=m.rope_scaling_factor if m.rope_scaling == "linear" else None,
+    )

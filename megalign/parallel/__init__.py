@@ -1,0 +1,1 @@
+"""Process groups, device selection and the CPU mode."""

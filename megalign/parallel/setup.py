@@ -1,0 +1,101 @@
+"""Process groups and devices: torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megalign.config import Config
+from megalign.errors import MegalignError
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise MegalignError("config key run.device: cuda asked for but CUDA is not available; use run.device=cpu")
+    return requested
+
+
+def initialize(cfg: Config, device: str) -> Layout:
+    """Start torch.distributed (a single process works without torchrun) and megatron's groups."""
+    if device == "cpu":
+        from megalign.parallel import cpu
+
+        cpu.enable()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl", timeout=timedelta(minutes=30))
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp
+    )
+    # megatron's RNG streams: the default one is the same on every rank; the tensor-parallel one differs
+    # across TP ranks (dropout inside TP regions), as megatron means it to.
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seed)
+    return current_layout()
+
+
+def current_layout() -> Layout:
+    return Layout(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

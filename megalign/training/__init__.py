@@ -1,0 +1,1 @@
+"""Loss, train loop, optimizer and schedule, metrics and logging."""

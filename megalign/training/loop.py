@@ -1,0 +1,53 @@
+"""The run: steps, per-step metrics, console/progress output and the final checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from megalign.training.metrics import MetricsLogger
+from megalign.training.trainer import StepResult, Trainer
+
+
+def metrics_record(r: StepResult, world_size: int) -> dict:
+    return {
+        "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "sequences": r.sequences,
+        "tokens": r.tokens, "step_time_s": r.seconds, "tokens_per_s": r.tokens / r.seconds,
+        "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12,
+    }
+
+
+def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
+    cfg, layout = trainer.cfg, trainer.layout
+    speaker = layout.rank == 0
+    metrics = MetricsLogger(cfg, enabled=speaker)
+    out = Path(cfg.run.output_dir)
+    log.info(f"megalign: {layout.world_size} processes (tp {layout.tp}, pp {layout.pp}, cp {layout.cp}, "
+             f"dp {layout.dp}) on {trainer.device}, attention {trainer.attention_backend}, loss {cfg.training.loss}, "
+             f"{sum(len(d) for d in trainer.datasets)} packs, global batch {cfg.training.global_batch}")
+    records = []
+    bar = tqdm(total=cfg.training.steps, desc="train", disable=not (speaker and cfg.run.progress), leave=False)
+    try:
+        while trainer.step < cfg.training.steps:
+            result = trainer.train_step()
+            record = metrics_record(result, layout.world_size)
+            records.append(record)
+            metrics.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            if result.step % cfg.run.log_interval == 0 or result.step == cfg.training.steps:
+                log.info(f"step {result.step}/{cfg.training.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
+                         f"grad_norm {result.grad_norm:.3f} seqs {result.sequences} tokens {result.tokens} "
+                         f"{record['tokens_per_s']:,.0f} tok/s {record['tflops_per_gpu']:.4f} TFLOP/s/gpu")
+    finally:
+        bar.close()
+        metrics.close()
+    if cfg.checkpoint.save_at_end:
+        where = trainer.save(Path(cfg.checkpoint.dir or out / "checkpoints") / f"step_{trainer.step:07d}")
+        log.info(f"checkpoint: {where}")
+    if records:
+        log.info(f"loss {records[0]['loss']:.4f} (step 1) -> {records[-1]['loss']:.4f} (step {records[-1]['step']})")
+    log.info(f"metrics: {out / 'metrics.jsonl'}; log: {out / 'train.log'}; tensorboard: {out / 'tensorboard'}")
+    return records
