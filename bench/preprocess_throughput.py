@@ -22,7 +22,7 @@ large enough to amortise start-up tends to. Each cell is the median over --repea
 runs alternate. A per-stage breakdown of the pipeline's main process (wall seconds in each library stage,
 median) follows; --profile adds a cProfile of the pipeline's main process (one extra run per W).
 
-  /work/venv/bin/python bench/preprocess_throughput.py [--long 1000 --short 20000 --repeats 3 --workers 1 2]
+  /work/venv/bin/python bench/preprocess_throughput.py [--long 600 --short 12000 --repeats 3 --workers 1 2]
 """
 
 from __future__ import annotations
@@ -238,13 +238,13 @@ def print_profile(path: str, top: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--long", type=int, default=1000, help="long records (default 1000)")
-    p.add_argument("--short", type=int, default=20000, help="short chat records (default 20000)")
+    p.add_argument("--long", type=int, default=600, help="long records (default 600)")
+    p.add_argument("--short", type=int, default=12000, help="short chat records (default 12000)")
     p.add_argument("--min-words", type=int, default=2000, help="words per long record, at least (default 2000)")
     p.add_argument("--max-words", type=int, default=30000, help="words per long record, at most (default 30000)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported (default 3)")
     p.add_argument("--profile", action="store_true", help="also cProfile the pipeline's main process, per W")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -51,9 +51,10 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        # Weights are drawn by megalign.model.init (the same full model at every layout), not here.
-        use_cpu_initialization=True,
-        perform_initialization=False,
+        # megatron's own init runs (it is what marks parameters tensor-parallel), then megalign.model.init
+        # redraws every weight so that the full model is the same at every layout.
+        use_cpu_initialization=False,
+        perform_initialization=True,
         # Packed micro-batches differ in length: p2p sends shapes first (megatron needs the alltoall
         # dispatcher setting for that, even without MoE).
         variable_seq_lengths=True,

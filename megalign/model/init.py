@@ -14,9 +14,9 @@ import torch
 from megatron.core import parallel_state
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 def global_parameter_names(model) -> dict[str, str]:
@@ -39,15 +39,15 @@ def global_parameter_names(model) -> dict[str, str]:
     return names
 
 
-def _draw(name: str, shape: tuple[int, ...], std: float, num_layers: int, seed: int) -> torch.Tensor:
+def _draw(name: str, shape: tuple[int, ...], std: float, num_layers: int, seed: int, device) -> torch.Tensor:
     """The full tensor of a parameter, as megatron's default init would draw it (normal, scaled output)."""
     if name.endswith("bias"):
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=device)
     if "layernorm" in name or name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, device=device)
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         std = std / math.sqrt(2.0 * num_layers)  # megatron's scaled_init_method_normal
-    return torch.empty(shape).normal_(0.0, std, generator=_generator(seed, name))
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=_generator(seed, name, device))
 
 
 def _tp_shard(full: torch.Tensor, param, gated: bool) -> torch.Tensor:
@@ -73,6 +73,6 @@ def initialize_weights(model, seed: int) -> None:
         shape = list(param.shape)
         if getattr(param, "tensor_model_parallel", False):
             shape[param.partition_dim] *= tp
-        full = _draw(name, tuple(shape), config.init_method_std, config.num_layers, seed)
+        full = _draw(name, tuple(shape), config.init_method_std, config.num_layers, seed, param.device)
         gated = config.gated_linear_unit and "linear_fc1" in name
         param.copy_(_tp_shard(full, param, gated).to(param.dtype))
