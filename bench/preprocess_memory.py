@@ -15,7 +15,7 @@ not by the tokens). `main anon` is the main process's RSS less its file-backed p
 the memory-mapped sample store read back while writing is file-backed and counts in RSS. Memory is
 near-deterministic, so one run per size is reported.
 
-  /work/venv/bin/python bench/preprocess_memory.py [--long 100 --short 2000 --scale 10]
+  /work/venv/bin/python bench/preprocess_memory.py [--long 200 --short 4000 --scale 10]
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def table(rows: list[tuple[str, int, dict]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--long", type=int, default=100, help="long records in the small corpus (default 100)")
-    p.add_argument("--short", type=int, default=2000, help="short chats in the small corpus (default 2000)")
+    p.add_argument("--long", type=int, default=200, help="long records in the small corpus (default 200)")
+    p.add_argument("--short", type=int, default=4000, help="short chats in the small corpus (default 4000)")
     p.add_argument("--scale", type=int, default=10, help="the large corpus is this many times the small (default 10)")
     p.add_argument("--min-words", type=int, default=2000)
     p.add_argument("--max-words", type=int, default=30000)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megalign.errors import MegalignError
@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: Any = MISSING  # a PREFIX, or a list of PREFIXes
+    path: Any = None  # a PREFIX, or a list of PREFIXes (required)
     weights: Optional[list[float]] = None  # one per path: sampling weights for mixing
     verify: str = "sizes"  # sizes | full (sha256 of every file at start)
 
@@ -215,7 +215,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 
 def _validate_data(cfg: Config) -> None:
-    if cfg.data.path is MISSING or cfg.data.path in (None, "???"):
+    if cfg.data.path is None:
         raise MegalignError("config key data.path is missing: give a PREFIX written by tools/preprocess_data.py")
     paths = cfg.data_paths
     if not paths or not all(isinstance(x, str) for x in paths):

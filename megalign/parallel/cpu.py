@@ -8,6 +8,8 @@ module that knows about it; everything else is written as if for a GPU.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -71,6 +73,8 @@ def enable() -> None:
     torch.cuda.manual_seed_all = lambda seed: None  # torch.manual_seed calls it: must not recurse
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # The tracker warns when the CPU stream moves inside a CUDA fork; here the CPU stream IS the CUDA one.
+    logging.getLogger(mcore_random.__name__).addFilter(lambda r: "CPU RNG state changed" not in r.getMessage())
     # 3-6. Hard-coded devices, type names, .cuda() and synchronisation.
     _CudaToCpu().__enter__()  # for the life of the process
     torch.Tensor.type = _type_as_if_on_cuda

@@ -1,0 +1,75 @@
+"""The config tree: YAML + overrides, presets, and one-line errors that name the key and what would work."""
+
+import json
+
+import pytest
+
+from megalign.config import load_config, validate
+from megalign.errors import MegalignError
+
+
+@pytest.fixture()
+def dataset_prefix(tmp_path):
+    """Only the metadata file matters to validation."""
+    meta = {"tokenizer": {"sha256": "x", "vocab_size": 1000}}
+    (tmp_path / "ds.json").write_text(json.dumps(meta))
+    return str(tmp_path / "ds")
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_overrides_then_types(tmp_path, dataset_prefix):
+    path = write_yaml(tmp_path, f"data:\n  path: {dataset_prefix}\ntraining:\n  lr: 1.0e-4\n  steps: 7\n")
+    cfg = load_config(path, ["training.lr=3e-5", "parallel.tp=2", "model.preset=llama3-8b", "model.num_layers=4"])
+    assert cfg.training.lr == 3e-5 and cfg.training.steps == 7 and cfg.parallel.tp == 2
+    assert cfg.model.num_query_groups == 8 and cfg.model.rotary_base == 500000.0  # from the preset
+    assert cfg.model.num_layers == 4  # the override wins over the preset
+    assert cfg.data_paths == [dataset_prefix]
+    validate(cfg, world_size=2)
+
+
+def test_list_of_paths_with_weights(tmp_path, dataset_prefix):
+    cfg = load_config(None, [f"data.path=[{dataset_prefix},{dataset_prefix}]", "data.weights=[0.6,0.4]"])
+    assert cfg.data_paths == [dataset_prefix, dataset_prefix]
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["training.lrr=1"], "config key training.lrr: Key 'lrr' not in 'TrainingConfig'"),
+    (["training.steps=ten"], "config key training.steps: Value 'ten' of type 'str' could not be converted to Integer"),
+    (["model.preset=gpt5"], "config key model.preset: 'gpt5' is unknown; valid: tiny, llama2-7b"),
+    (["training.lr"], "override 'training.lr' is not key=value"),
+])
+def test_load_errors_are_one_line(overrides, message):
+    with pytest.raises(MegalignError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.tp=3"], 3, "parallel.tp=3 must divide model.num_attention_heads=4; try tp in 1, 2, 4"),
+    (["parallel.tp=4", "model.num_query_groups=2"], 4, "parallel.tp=4 must divide model.num_query_groups=2"),
+    (["parallel.pp=3"], 3, "parallel.pp=3 must divide model.num_layers=2; try pp in 1, 2"),
+    (["parallel.tp=2"], 3, "parallel.tp*pp*cp = 2 must divide the world size 3"),
+    (["training.global_batch=3"], 2, "training.global_batch=3 must be a multiple of the data-parallel size 2; "
+                                      "try training.global_batch=2"),
+    (["training.loss=mean"], 1, "config key training.loss: 'mean' is not one of sequence, token, pack"),
+    (["model.attention_backend=xformers"], 1, "model.attention_backend: 'xformers' is not one of auto, te"),
+    (["model.vocab_size=10"], 1, "model.vocab_size=10 is smaller than the dataset tokenizer's 1000"),
+])
+def test_rules_between_keys(dataset_prefix, overrides, world, message):
+    cfg = load_config(None, [f"data.path={dataset_prefix}", *overrides])
+    with pytest.raises(MegalignError) as e:
+        validate(cfg, world_size=world)
+    assert message in str(e.value)
+
+
+def test_missing_data_path(tmp_path):
+    with pytest.raises(MegalignError, match="config key data.path is missing"):
+        validate(load_config(None, []), world_size=1)
+    with pytest.raises(MegalignError, match=r"config key data.path: .*nope.json not found"):
+        validate(load_config(None, [f"data.path={tmp_path}/nope"]), world_size=1)

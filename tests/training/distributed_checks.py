@@ -1,0 +1,107 @@
+"""Run under torchrun by the tests: train a few steps at one layout and write what the tests compare.
+
+  torchrun --nproc_per_node N tests/training/distributed_checks.py OUT.json key=value ...
+
+Every step uses the next loss mode (sequence, token, pack), so one launch checks all three. Rank 0 writes
+{"steps": [{"loss", "grad_norm"}...], "rng": {...}, "packed_vs_separate": {...}} (the last only at world 1).
+"""
+
+import json
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def rng_semantics(layout) -> dict:
+    """What megatron means by its RNG streams, observed on the CPU emulation."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    seed = 1234
+    model_parallel_cuda_manual_seed(seed)  # fresh streams (building the model drew from them)
+    torch.manual_seed(seed)
+    plain = torch.rand(4)
+    torch.manual_seed(seed)
+    first = torch.rand(2)
+    with get_cuda_rng_tracker().fork():
+        tp_stream = torch.rand(4)
+    rest = torch.rand(2)
+    expected_tp = torch.rand(4, generator=torch.Generator().manual_seed(seed + 2718 + layout.tp_rank))
+    gathered = [torch.zeros(4) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tp_stream)
+    return {
+        "fork_restores_default_stream": torch.equal(torch.cat([first, rest]), plain),
+        "tp_stream_is_megatrons": torch.equal(tp_stream, expected_tp),
+        "tp_streams": [g.tolist() for g in gathered],
+    }
+
+
+def packed_vs_separate(trainer) -> dict:
+    """Per-token losses and gradients of one pack equal those of its samples run one at a time."""
+    import numpy as np
+    import torch
+
+    from megalign.data.packed_dataset import Pack
+    from megalign.training.batch import thd_batch
+
+    model = trainer.model.module
+    ds = trainer.datasets[0]
+    k = max(range(len(ds)), key=lambda i: len(ds[i].lengths))  # the pack with the most samples
+    pack = ds[k]
+
+    def losses_and_grads(p: Pack):
+        batch = thd_batch(p, "token")
+        trainer.model.zero_grad_buffer()  # DDP's hooks accumulate gradients into main_grad
+        out = model(input_ids=batch.tokens[None], position_ids=batch.position_ids[None], attention_mask=None,
+                    labels=batch.labels[None], packed_seq_params=batch.packed_seq_params()).reshape(-1)
+        (out * batch.loss_weight).sum().backward()
+        grads = {n: q.main_grad.detach().clone() for n, q in model.named_parameters()}
+        return (out * batch.loss_weight).detach(), grads
+
+    packed_losses, packed_grads = losses_and_grads(pack)
+    bounds = np.concatenate([[0], np.cumsum(pack.lengths)])
+    separate_losses, separate_grads = [], {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        losses, grads = losses_and_grads(Pack(pack.tokens[a:b], pack.loss_mask[a:b], np.array([b - a])))
+        separate_losses.append(losses)
+        for n, g in grads.items():
+            separate_grads[n] = separate_grads.get(n, 0) + g
+    separate = torch.cat(separate_losses)
+    grad_diff = max(float((packed_grads[n] - separate_grads[n]).abs().max()) for n in packed_grads)
+    grad_scale = max(float(g.abs().max()) for g in packed_grads.values())
+    trainer.model.zero_grad_buffer()
+    return {"samples": len(pack.lengths), "loss_max_abs_diff": float((packed_losses - separate).abs().max()),
+            "loss_max": float(packed_losses.abs().max()), "grad_max_abs_diff": grad_diff, "grad_max": grad_scale}
+
+
+def main():
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    import torch.distributed as dist
+
+    from megalign.config import load_config, validate
+    from megalign.parallel.setup import shutdown, world_size_from_env
+    from megalign.training.trainer import Trainer
+
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size_from_env())
+    trainer = Trainer(cfg)
+    result = {"rng": rng_semantics(trainer.layout)}
+    if trainer.layout.world_size == 1:
+        result["packed_vs_separate"] = packed_vs_separate(trainer)
+    result["steps"] = []
+    for mode in ("sequence", "token", "pack"):
+        trainer.cfg.training.loss = mode
+        r = trainer.train_step()
+        result["steps"].append({"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences})
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
