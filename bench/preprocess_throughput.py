@@ -9,7 +9,7 @@ of thousands of words plus short chats, megalign.data.synthetic) and one byte-le
             process's megatron-core/torch import); the time is the library's own PreprocessResult.seconds.
   raw       tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False) of every message content of the
             same records, in a spawn Pool of W processes, one encode_batch call per chunk of the same records
-            the pipeline hands out (CHUNK_RECORDS). Timed from creating the pool to the last result (workers
+            the pipeline hands out (CHUNK_RECORDS, CHUNK_BYTES). Timed from creating the pool to the last result (workers
             return token counts only). The texts are read from the JSONL before the clock starts.
 
 TOKENIZERS_PARALLELISM=false in both: one tokenizer thread per process. Tokens are counted two ways:
@@ -19,8 +19,11 @@ TOKENIZERS_PARALLELISM=false in both: one tokenizer thread per process. Tokens a
 Fixed start-up cost is measured separately on a tiny input (a few short records): the seconds a run costs
 before it does any real work. `steady ratio` subtracts each side's start-up from its time, the ratio a corpus
 large enough to amortise start-up tends to. Each cell is the median over --repeats runs; raw and pipeline
-runs alternate. A per-stage breakdown of the pipeline's main process (wall seconds in each library stage,
-median) follows; --profile adds a cProfile of the pipeline's main process (one extra run per W).
+runs alternate. Then: CPU seconds of the main process and of the workers on each side (where the time goes:
+the gap is CPU work the pipeline adds, or idle waiting), every run's wall seconds, and `other load`, the cores
+that other processes on the machine kept busy during the worst corpus run (above 0.1 the timings are skewed;
+the script warns). Last, a per-stage breakdown of the pipeline's main process (wall seconds in each library
+stage, median); --profile adds a cProfile of the pipeline's main process (one extra run per W).
 
   /work/venv/bin/python bench/preprocess_throughput.py [--long 600 --short 12000 --repeats 3 --workers 1 2]
 """
@@ -37,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before anything imports tokenizers; spawned children inherit it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -179,17 +184,34 @@ def run_pipeline(inputs: list[str], tokenizer_dir: str, out_dir: Path, workers: 
 
 # ---------------------------------------------------------------------------------------------- report
 
+def machine_busy_cpu() -> float:
+    """CPU seconds the whole machine has been busy (all processes, all cores), from /proc/stat."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def with_other_load(run, *args) -> dict:
+    """Call run(*args) and add `other_load`: cores kept busy meanwhile by anything but this benchmark."""
+    busy, ours = machine_busy_cpu(), cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    result = run(*args)
+    ours = cpu_seconds(resource.RUSAGE_SELF) + cpu_seconds(resource.RUSAGE_CHILDREN) - ours
+    result["other_load"] = max(0.0, machine_busy_cpu() - busy - ours) / (time.perf_counter() - started)
+    return result
+
+
 def measure(files: dict, chunks, tiny_chunks, workers: int, repeats: int, out_dir: Path) -> dict:
     """Medians over `repeats` of raw and pipeline on the corpus and on the tiny input, for one worker count."""
     runs = {"raw": [], "pipeline": [], "raw_tiny": [], "pipeline_tiny": []}
     for _ in range(repeats):  # alternate, so that drift in the machine's speed hits both sides alike
-        runs["raw"].append(run_raw(files["tokenizer"], chunks, workers))
-        runs["pipeline"].append(run_pipeline(files["big"], files["tokenizer"], out_dir, workers))
-        runs["raw_tiny"].append(run_raw(files["tokenizer"], tiny_chunks, workers))
-        runs["pipeline_tiny"].append(run_pipeline(files["tiny"], files["tokenizer"], out_dir, workers))
+        runs["raw"].append(with_other_load(run_raw, files["tokenizer"], chunks, workers))
+        runs["pipeline"].append(with_other_load(run_pipeline, files["big"], files["tokenizer"], out_dir, workers))
+        runs["raw_tiny"].append(with_other_load(run_raw, files["tokenizer"], tiny_chunks, workers))
+        runs["pipeline_tiny"].append(with_other_load(run_pipeline, files["tiny"], files["tokenizer"], out_dir, workers))
     med = statistics.median
     row = {"workers": workers, "content_tokens": runs["raw"][0]["tokens"], "sample_tokens": runs["pipeline"][0]["tokens"],
-           "stages": {k: med(r["stages"][k] for r in runs["pipeline"]) for k in runs["pipeline"][0]["stages"]}}
+           "stages": {k: med(r["stages"][k] for r in runs["pipeline"]) for k in runs["pipeline"][0]["stages"]},
+           "max_other_load": max(r["other_load"] for r in runs["raw"] + runs["pipeline"])}  # tiny runs: too short
     for side, rs in runs.items():
         row[side] = {k: med(r[k] for r in rs) for k in ("seconds", "main_cpu", "worker_cpu")}
         row[side]["all"] = [r["seconds"] for r in rs]
@@ -211,13 +233,14 @@ def throughput_table(rows: list[dict]) -> str:
 
 
 def cpu_table(rows: list[dict]) -> str:
-    lines = ["| W | raw CPU s main / workers | pipeline CPU s main / workers | raw runs s | pipeline runs s |",
-             "|---|---|---|---|---|"]
+    lines = ["| W | raw CPU s main / workers | pipeline CPU s main / workers | raw runs s | pipeline runs s "
+             "| other load, worst run |", "|---|---|---|---|---|---|"]
     for r in rows:
         raw, pipe = r["raw"], r["pipeline"]
         lines.append(f"| {r['workers']} | {raw['main_cpu']:.1f} / {raw['worker_cpu']:.1f} "
                      f"| {pipe['main_cpu']:.1f} / {pipe['worker_cpu']:.1f} "
-                     f"| {', '.join(f'{s:.1f}' for s in raw['all'])} | {', '.join(f'{s:.1f}' for s in pipe['all'])} |")
+                     f"| {', '.join(f'{s:.1f}' for s in raw['all'])} | {', '.join(f'{s:.1f}' for s in pipe['all'])} "
+                     f"| {r['max_other_load']:.2f} cores |")
     return "\n".join(lines)
 
 
@@ -269,6 +292,8 @@ def main() -> None:
         print(cpu_table(rows))
         print("\npipeline main process, wall seconds per stage (median):\n")
         print(stage_table(rows))
+        if max(r["max_other_load"] for r in rows) > 0.1:
+            print("\nwarning: other processes used CPU during the runs (see `other load`); the timings are skewed")
         if args.profile:
             for w in args.workers:
                 path = str(tmp / f"profile-w{w}.pstats")

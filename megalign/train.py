@@ -28,13 +28,21 @@ def _setup_logging(output_dir: Path, is_logging_rank: bool) -> logging.Logger:
     return log
 
 
+def _quiet_known_warnings() -> None:
+    """Notices from megatron-core about optional packages we chose not to need, and deprecations inside it."""
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "full scope is deprecated", "The .grad attribute of a Tensor that is not a leaf",
+                    ".*is deprecated. Please use"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run(config_path: str | None, overrides: list[str]) -> None:
+    _quiet_known_warnings()
     from megalign.parallel.setup import world_size_from_env
 
     cfg = load_config(config_path, overrides)
     validate(cfg, world_size_from_env())  # before any process group starts
 
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     import torch.distributed as dist
     from omegaconf import OmegaConf
 

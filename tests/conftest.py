@@ -67,3 +67,15 @@ def sentencepiece_model(tmp_path_factory):
         user_defined_symbols=specials + ["[INST]", "[/INST]"], model_type="bpe", minloglevel=2,
     )
     return out / "sp.model"
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests run only where CUDA is."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
@@ -43,6 +44,12 @@ class _PackedCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("attention_bias is not supported by megalign's core attention")
         dropout = self.dropout if self.training else 0.0
+        if dropout:  # heads are split over TP ranks: draw dropout from the model-parallel stream, as megatron does
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return self._forward(query, key, value, packed_seq_params, dropout)
+        return self._forward(query, key, value, packed_seq_params, dropout)
+
+    def _forward(self, query, key, value, packed_seq_params, dropout):
         if packed_seq_params is None:  # [s, b, h, d]: every row is one causal sequence
             s, b = query.shape[:2]
             q, k, v = (x.permute(1, 0, 2, 3).reshape(b * s, *x.shape[2:]) for x in (query, key, value))
