@@ -7,6 +7,7 @@ each problem as one line naming the key and a value that would work.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -173,6 +174,9 @@ def validate(cfg: Config, world_size: int) -> None:
     _check_choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _check_choice("run.wandb", cfg.run.wandb, ("off", "offline", "online"))
     _check_choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    if cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise MegalignError(f"config key run.wandb={cfg.run.wandb} needs the wandb package "
+                            "(pip install 'megalign[wandb]'), or set run.wandb=off")
     from megalign.model.attention import BACKENDS
 
     _check_choice("model.attention_backend", m.attention_backend, BACKENDS)

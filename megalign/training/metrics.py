@@ -1,7 +1,4 @@
-"""Per-step metrics: metrics.jsonl (always), console, TensorBoard and wandb (offline, or off without a key).
-
-Model FLOPs count attention per sequence (causal, over each sample's own length), never over the whole pack.
-"""
+"""Per-step metrics: metrics.jsonl (always), TensorBoard and wandb (offline, or off without a key)."""
 
 from __future__ import annotations
 
@@ -9,30 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from megalign.config import Config, ModelConfig
-
-
-def dense_flops_per_token(m: ModelConfig, padded_vocab: int) -> float:
-    """Forward FLOPs of the matrix multiplies per token (2 x multiply-adds): QKV, output, MLP, logits."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * groups)
-    proj = m.num_attention_heads * head_dim * m.hidden_size
-    mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
-    return 2.0 * (m.num_layers * (qkv + proj + mlp) + m.hidden_size * padded_vocab)
-
-
-def attention_flops(m: ModelConfig, sequence_lengths) -> float:
-    """Forward FLOPs of QK^T and AV for causal attention, summed over sequences: 2 * 2 * n^2/2 * heads * dim."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    width = m.num_attention_heads * head_dim
-    return m.num_layers * sum(2.0 * n * n * width for n in sequence_lengths)
-
-
-def step_flops(m: ModelConfig, padded_vocab: int, sequence_lengths) -> float:
-    """Training FLOPs of one step (forward + backward = 3 x forward), recomputation not counted."""
-    tokens = sum(sequence_lengths)
-    return 3.0 * (tokens * dense_flops_per_token(m, padded_vocab) + attention_flops(m, sequence_lengths))
+from megalign.config import Config
 
 
 class MetricsLogger:

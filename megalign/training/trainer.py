@@ -25,7 +25,7 @@ from megalign.model.init import initialize_weights
 from megalign.parallel.setup import Layout, initialize, resolve_device
 from megalign.training.batch import Batch, thd_batch
 from megalign.training.loss import weighted_loss
-from megalign.training.metrics import step_flops
+from megalign.model.arithmetic import step_flops
 
 log = logging.getLogger("megalign")
 

@@ -90,7 +90,11 @@ def main():
     trainer = Trainer(cfg)
     result = {"rng": rng_semantics(trainer.layout)}
     if trainer.layout.world_size == 1:
+        from megalign.model.arithmetic import parameter_count
+
         result["packed_vs_separate"] = packed_vs_separate(trainer)
+        result["parameters"] = {"built": sum(p.numel() for p in trainer.model.module.parameters()),
+                                "counted": parameter_count(cfg.model, trainer.padded_vocab)}
     result["steps"] = []
     for mode in ("sequence", "token", "pack"):
         trainer.cfg.training.loss = mode

@@ -1,6 +1,7 @@
 """The invariants, each in a real multi-process launch (torchrun, gloo, CPU mode):
 a packed batch equals its samples run one by one; the loss and gradient norm of a global batch do not depend on
-TP, PP, DP or micro-batching (for every loss mode); megatron's RNG streams behave as megatron means them to."""
+TP, PP, DP, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
+megatron means them to."""
 
 import json
 import subprocess
@@ -18,6 +19,8 @@ LAYOUTS = {
     "tp=2": (2, ["parallel.tp=2"]),
     "pp=2": (2, ["parallel.pp=2"]),
     "dp=2": (2, []),
+    "recompute full": (1, ["model.recompute=full"]),
+    "recompute selective": (1, ["model.recompute=selective"]),
 }
 
 
@@ -54,7 +57,12 @@ def test_packed_batch_equals_samples_one_by_one(results):
     assert check["grad_max_abs_diff"] <= 1e-5 * check["grad_max"]
 
 
-@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2"])
+def test_parameter_count_matches_the_built_model(results):
+    counts = results["1 process"]["parameters"]
+    assert counts["built"] == counts["counted"]
+
+
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "recompute full", "recompute selective"])
 def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     reference, other = results["1 process"]["steps"], results[layout]["steps"]
     assert len(reference) == len(other) == 3  # one step per loss mode: sequence, token, pack
