@@ -18,21 +18,34 @@ overshoot beside it.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from megalign.data import packing  # noqa: E402
+
+
+def code_state() -> str:
+    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
+    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
+
 
 STRATEGIES = [("bfd", 8), ("ffs", 8), ("next-fit", 8), ("sorted", 8), ("sorted", 32)]  # (strategy, group size)
 
 
-def lengths_mix(seed: int, n_long: int, n_short: int, capacity: int, short_median: float, short_sigma: float) -> np.ndarray:
+def lengths_mix(seed: int, n_long: int, n_short: int, capacity: int,
+                short_median: float, short_sigma: float) -> np.ndarray:
     """Long samples log-uniform in [8192, capacity] plus short chats lognormal around short_median, shuffled."""
     rng = np.random.default_rng(seed)
     long = np.exp(rng.uniform(np.log(8192), np.log(capacity), n_long))
@@ -96,7 +109,8 @@ def main() -> None:
         lengths = lengths_mix(seed, args.long, args.short, args.capacity, args.short_median, args.short_sigma)
         per_seed.append({(s, g): run_strategy(lengths, args.capacity, s, g, seed) for s, g in STRATEGIES})
         if seed == 0:
-            print(f"seed 0: {len(lengths):,} samples ({args.long:,} long, {args.short:,} short; short median "
+            print(f"{code_state()}; seed 0: {len(lengths):,} samples ({args.long:,} long, {args.short:,} short; "
+                  f"short median "
                   f"{int(np.median(lengths[lengths < 8192]))} tokens), {int(lengths.sum()):,} tokens, "
                   f"capacity {args.capacity}\n")
             print(seed_table(per_seed[0], lengths))

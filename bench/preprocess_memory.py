@@ -2,22 +2,23 @@
 
 The corpus is the LongAlign-like synthetic mix of megalign.data.synthetic: --long long retrieval records of
 --min-words..--max-words words plus --short short chats for the small corpus, --scale times both for the large
-one, and a byte-level BPE tokenizer trained here once. Each corpus is preprocessed by
+one, and a byte-level BPE tokenizer trained here once. The small corpus is big enough (a few dozen 4 MiB chunks)
+for the pipeline's window of chunks in flight to fill, so that both sizes are in steady state. Each corpus is
+preprocessed by
 
   python tools/preprocess_data.py --input long.jsonl short.jsonl --chat-template chatml --seq-length 65536
                                   --workers 2 --no-progress ...
 
 as a subprocess, while this script polls the process tree every --interval seconds (default 0.02) with psutil:
-the RSS of the main process, of each tokenizer worker (spawned multiprocessing children; the resource tracker
-is left out), and of the whole tree at one instant. The peaks are reported with the corpus tokens (metadata
-num_tokens) and the ratio large / small, which should be close to 1 (memory bounded by the sample count,
-not by the tokens). `main anon` is the main process's RSS less its file-backed pages (psutil `shared`):
-the memory-mapped sample store read back while writing is file-backed and counts in RSS. Memory is
-near-deterministic, so one run per size is reported.
+the RSS of the main process, of each tokenizer worker (spawned multiprocessing pool children; the resource
+tracker and any other child are left out, and named on stderr), and of main + workers at one instant (`tree`).
+The peaks are reported with the corpus tokens (metadata num_tokens) and the ratio large / small, which should
+be close to 1 (memory bounded by the number of samples, not of tokens). `main anon` is the main process's RSS
+less its file-backed pages (psutil `shared`): the sample store memory-mapped back while writing is file-backed
+and counts in RSS. Memory is near-deterministic, so one run per size is reported.
 
   /work/venv/bin/python bench/preprocess_memory.py [--long 200 --short 4000 --scale 10]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,15 @@ sys.path.insert(0, str(ROOT))
 MiB = 1 << 20
 
 
+def code_state() -> str:
+    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
+    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
+
+
 def build_corpus(directory: Path, n_long: int, n_short: int, args) -> list[str]:
     from megalign.data import synthetic
 
@@ -45,15 +55,17 @@ def build_corpus(directory: Path, n_long: int, n_short: int, args) -> list[str]:
 
 
 def is_worker(proc: psutil.Process) -> bool:
-    """A multiprocessing pool worker, as opposed to the resource tracker that spawn also starts."""
-    return "resource_tracker" not in " ".join(proc.cmdline())
+    """A spawned multiprocessing pool worker (not the resource tracker spawn also starts, nor a stray subprocess)."""
+    cmdline = " ".join(proc.cmdline())
+    return "spawn_main" in cmdline and "resource_tracker" not in cmdline
 
 
 def poll_peaks(proc: subprocess.Popen, interval: float) -> dict:
     """Poll the tree under `proc` until it exits; peak RSS of main, of any one worker, and of the tree."""
     main = psutil.Process(proc.pid)
-    peaks = {"main": 0, "main_anon": 0, "worker": 0, "tree": 0, "workers_seen": set()}
+    peaks = {"main": 0, "main_anon": 0, "worker": 0, "tree": 0}
     workers: dict[int, psutil.Process] = {}
+    others: dict[int, str] = {}  # other children (resource tracker, short-lived subprocesses), by command line
     while proc.poll() is None:
         try:
             mem = main.memory_info()
@@ -63,8 +75,11 @@ def poll_peaks(proc: subprocess.Popen, interval: float) -> dict:
         tree = mem.rss
         for child in children:
             try:
-                if child.pid not in workers and is_worker(child):
-                    workers[child.pid] = child
+                if child.pid not in workers and child.pid not in others:
+                    if is_worker(child):
+                        workers[child.pid] = child
+                    else:
+                        others[child.pid] = " ".join(child.cmdline())[:100]
                 if child.pid in workers:
                     rss = child.memory_info().rss
                     peaks["worker"] = max(peaks["worker"], rss)
@@ -75,7 +90,7 @@ def poll_peaks(proc: subprocess.Popen, interval: float) -> dict:
         peaks["main_anon"] = max(peaks["main_anon"], mem.rss - mem.shared)
         peaks["tree"] = max(peaks["tree"], tree)
         time.sleep(interval)
-    peaks["workers_seen"] = len(workers)
+    peaks["workers_seen"], peaks["others"] = len(workers), sorted(others.values())
     return peaks
 
 
@@ -104,9 +119,13 @@ def table(rows: list[tuple[str, int, dict]]) -> str:
                      f"| {r['main'] / MiB:.0f} | {r['main_anon'] / MiB:.0f} | {r['worker'] / MiB:.0f} "
                      f"| {r['tree'] / MiB:.0f} |")
     (_, small_records, small), (_, large_records, large) = rows[0], rows[-1]
-    ratios = " | ".join(f"{large[k] / small[k]:.2f}x" for k in ("main", "main_anon", "worker", "tree"))
-    lines.append(f"| large / small | {large_records / small_records:.0f}x | {large['samples'] / small['samples']:.1f}x | {large['tokens'] / small['tokens']:.1f}x "
-                 f"| {large['seconds'] / small['seconds']:.1f}x | {ratios} |")
+
+    def ratio(key: str) -> str:
+        return f"{large[key] / small[key]:.2f}x" if small[key] else "-"  # no workers at --workers 1
+
+    cells = [f"{large_records / small_records:.0f}x"] + [ratio(k) for k in (
+        "samples", "tokens", "seconds", "main", "main_anon", "worker", "tree")]
+    lines.append("| large / small | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -128,20 +147,25 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         tmp = Path(tmp)
-        tokenizer = str(train_bpe_tokenizer(synthetic.corpus(args.seed, n_words=200_000), tmp / "tok", args.vocab_size))
+        corpus = synthetic.corpus(args.seed, n_words=200_000)  # enough text for a full 8,000-token vocabulary
+        tokenizer = str(train_bpe_tokenizer(corpus, tmp / "tok", args.vocab_size))
         rows = []
         for label, k in (("small", 1), ("large", args.scale)):
             n_long, n_short = args.long * k, args.short * k
             inputs = build_corpus(tmp / label, n_long, n_short, args)
             peaks = run_preprocess(inputs, tokenizer, tmp / f"{label}-ds", args)
-            if peaks["workers_seen"] != args.workers:
-                print(f"warning: saw {peaks['workers_seen']} workers in the {label} run, expected {args.workers}",
+            expected = args.workers if args.workers > 1 else 0  # one worker tokenizes in the main process
+            if peaks["workers_seen"] != expected:
+                print(f"warning: saw {peaks['workers_seen']} workers in the {label} run, expected {expected}",
                       file=sys.stderr)
+            for cmdline in (c for c in peaks["others"] if "resource_tracker" not in c):
+                print(f"note: {label} run, other child process (not counted): {cmdline}", file=sys.stderr)
             rows.append((label, n_long + n_short, peaks))
             for path in inputs:  # keep the disk footprint to one corpus at a time
                 os.remove(path)
-        print(f"--workers {args.workers}, polled every {args.interval * 1000:.0f} ms; corpus = {args.long} long "
-              f"({args.min_words}-{args.max_words} words) + {args.short} short records, times {args.scale} for large\n")
+        print(f"{code_state()}; --workers {args.workers}, polled every {args.interval * 1000:.0f} ms; corpus = "
+              f"{args.long} long ({args.min_words}-{args.max_words} words) + {args.short} short records, "
+              f"times {args.scale} for large\n")
         print(table(rows))
 
 

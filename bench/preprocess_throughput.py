@@ -7,10 +7,11 @@ of thousands of words plus short chats, megalign.data.synthetic) and one byte-le
             template (chatml), tokenize, spill, pack (bfd), write the megatron-core IndexedDatasets and metadata.
             Each run is a fresh spawned process, so every run pays the same start-up (including the main
             process's megatron-core/torch import); the time is the library's own PreprocessResult.seconds.
-  raw       tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False) of every message content of the
-            same records, in a spawn Pool of W processes, one encode_batch call per chunk of the same records
-            the pipeline hands out (CHUNK_RECORDS, CHUNK_BYTES). Timed from creating the pool to the last result (workers
-            return token counts only). The texts are read from the JSONL before the clock starts.
+  raw       the tokenizer's fastest batch call, tokenizers.Tokenizer.encode_batch_fast (no offsets; encode_batch on
+            releases without it), add_special_tokens=False, of every message content of the
+            same records, in a spawn Pool of W processes, one batch call per chunk of the same records
+            the pipeline hands out (CHUNK_RECORDS, CHUNK_BYTES). Timed from creating the pool to the last
+            result (workers return token counts only). The texts are read from the JSONL before the clock starts.
 
 TOKENIZERS_PARALLELISM=false in both: one tokenizer thread per process. Tokens are counted two ways:
   content tokens  the tokens of the message contents: identical work for both (chatml tokenizes each content
@@ -26,6 +27,9 @@ the script warns). Last, a per-stage breakdown of the pipeline's main process (w
 stage, median); --profile adds a cProfile of the pipeline's main process (one extra run per W).
 
   /work/venv/bin/python bench/preprocess_throughput.py [--long 600 --short 12000 --repeats 3 --workers 1 2]
+
+The defaults (12.5M content tokens, vocabulary 8,000) take about 4 minutes on 2 cores; results and reading
+in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +49,19 @@ from pathlib import Path
 import psutil
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before anything imports tokenizers; spawned children inherit it
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 SPAWN = multiprocessing.get_context("spawn")
+
+
+def code_state() -> str:
+    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
+    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -94,7 +109,8 @@ def _raw_init(tokenizer_dir: str) -> None:
 
 
 def _raw_encode(texts: list[str]) -> int:
-    return sum(len(e.ids) for e in _raw_tokenizer.encode_batch(texts, add_special_tokens=False))
+    encode = getattr(_raw_tokenizer, "encode_batch_fast", _raw_tokenizer.encode_batch)  # what the pipeline uses
+    return sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
 
 
 def cpu_seconds(who: int) -> float:
@@ -209,7 +225,8 @@ def measure(files: dict, chunks, tiny_chunks, workers: int, repeats: int, out_di
         runs["raw_tiny"].append(with_other_load(run_raw, files["tokenizer"], tiny_chunks, workers))
         runs["pipeline_tiny"].append(with_other_load(run_pipeline, files["tiny"], files["tokenizer"], out_dir, workers))
     med = statistics.median
-    row = {"workers": workers, "content_tokens": runs["raw"][0]["tokens"], "sample_tokens": runs["pipeline"][0]["tokens"],
+    row = {"workers": workers,
+           "content_tokens": runs["raw"][0]["tokens"], "sample_tokens": runs["pipeline"][0]["tokens"],
            "stages": {k: med(r["stages"][k] for r in runs["pipeline"]) for k in runs["pipeline"][0]["stages"]},
            "max_other_load": max(r["other_load"] for r in runs["raw"] + runs["pipeline"])}  # tiny runs: too short
     for side, rs in runs.items():
@@ -277,7 +294,8 @@ def main() -> None:
         started = time.perf_counter()
         files = build_inputs(tmp, args)
         chunks, tiny_chunks = content_chunks(files["big"]), content_chunks(files["tiny"])
-        print(f"corpus: {args.long} long records ({args.min_words}-{args.max_words} words) + {args.short} short chats, "
+        print(f"{code_state()}; corpus: {args.long} long records ({args.min_words}-{args.max_words} words) + "
+              f"{args.short} short chats, "
               f"{sum(map(len, chunks))} message contents; tokenizer vocab {args.vocab_size}; "
               f"built in {time.perf_counter() - started:.1f} s\n")
         rows = []

@@ -13,11 +13,13 @@ number of workers.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from array import array
 from collections import Counter, deque
@@ -232,9 +234,10 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     opts.validate()
     tokenizer = load_tokenizer(opts.tokenizer)
     make_encoder(opts.chat_template, tokenizer)  # unknown template or missing special tokens: fail now
-    from megatron.core.datasets.indexed_dataset import DType
-
-    token_dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    # The writer needs megatron-core (and torch): a few seconds of imports, done while the workers tokenize.
+    importing = threading.Thread(target=importlib.import_module, args=("megatron.core.datasets.indexed_dataset",))
+    importing.start()
+    token_dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32  # megatron's DType.optimal_dtype rule
     ratios = opts.ratios or [1.0] * len(opts.inputs)
     counts = [InputCounts(path, float(r)) for path, r in zip(opts.inputs, ratios)]
 
@@ -244,6 +247,10 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     store = SampleStore(scratch, token_dtype)
     try:
         sample_slots, slot_lengths, slot_loss_tokens = _tokenize_all(opts, counts, store, temp_prefix)
+        importing.join()
+        from megatron.core.datasets.indexed_dataset import DType
+
+        assert DType.optimal_dtype(tokenizer.vocab_size) == token_dtype, "megatron changed its token dtype rule"
         totals = _total_counts(counts)
         stats.reconcile(totals)
         _check_reject_fraction(opts, totals, temp_prefix)
@@ -264,6 +271,7 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
             writer.remove_dataset(opts.output_prefix)
         writer.publish(temp_prefix, opts.output_prefix)
     finally:
+        importing.join()
         store.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return PreprocessResult(opts.output_prefix, metadata, time.perf_counter() - started)

@@ -34,10 +34,15 @@ class Piece:
     text: str | None = None
     special: str | None = None  # a special token, placed by id (never parsed from text)
     loss: bool = False
+    constant: bool = False  # the template's own text (role names, separators): tokenized once, then cached
 
 
 def _text(text: str, loss: bool = False) -> Piece:
     return Piece(text=text, loss=loss)
+
+
+def _fixed(text: str) -> Piece:
+    return Piece(text=text, constant=True)
 
 
 def _special(token: str, loss: bool = False) -> Piece:
@@ -69,9 +74,9 @@ def llama3_pieces(conv: Conversation) -> list[Piece]:
         answer = m.role == "assistant"
         pieces += [
             _special("<|start_header_id|>"),
-            _text(m.role),
+            _fixed(m.role),
             _special("<|end_header_id|>"),
-            _text("\n\n"),
+            _fixed("\n\n"),
             _text(m.content, loss=answer),
             _special("<|eot_id|>", loss=answer),
         ]
@@ -85,10 +90,10 @@ def chatml_pieces(conv: Conversation) -> list[Piece]:
         answer = m.role == "assistant"
         pieces += [
             _special("<|im_start|>"),
-            _text(f"{m.role}\n"),
+            _fixed(f"{m.role}\n"),
             _text(m.content, loss=answer),
             _special("<|im_end|>", loss=answer),
-            _text("\n"),
+            _fixed("\n"),
         ]
     return pieces
 
@@ -102,7 +107,7 @@ def chatglm3_pieces(conv: Conversation, eos: str) -> list[Piece]:
     previous_was_answer = False
     for m in conv.messages:
         answer = m.role == "assistant"
-        pieces += [_special(f"<|{m.role}|>", loss=previous_was_answer), _text("\n"), _text(m.content, loss=answer)]
+        pieces += [_special(f"<|{m.role}|>", loss=previous_was_answer), _fixed("\n"), _text(m.content, loss=answer)]
         previous_was_answer = answer
     pieces.append(_special(eos, loss=True))
     return pieces
@@ -116,22 +121,33 @@ class PieceEncoder:
         self.to_pieces = to_pieces
         # Resolve every special token once, up-front: a missing one is an error before any work.
         self.special_ids = {p.special: tokenizer.special_id(p.special) for p in to_pieces(probe) if p.special}
+        self.constant_ids: dict[str, list[int]] = {}
 
     def _special_id(self, token: str) -> int:
         if token not in self.special_ids:
             self.special_ids[token] = self.tokenizer.special_id(token)
         return self.special_ids[token]
 
+    def _constant_ids(self, text: str) -> list[int]:
+        if text not in self.constant_ids:
+            self.constant_ids[text] = self.tokenizer.encode_batch([text])[0]
+        return self.constant_ids[text]
+
     def encode_many(self, conversations: list[Conversation]) -> list[Sample]:
         all_pieces = [self.to_pieces(c) for c in conversations]
-        texts = [p.text for pieces in all_pieces for p in pieces if p.text is not None]
+        texts = [p.text for pieces in all_pieces for p in pieces if p.text is not None and not p.constant]
         encoded = iter(self.tokenizer.encode_batch(texts))
         samples = []
         for pieces in all_pieces:
             ids: list[int] = []
             mask: list[int] = []
             for p in pieces:
-                part = next(encoded) if p.text is not None else [self._special_id(p.special)]
+                if p.special is not None:
+                    part = [self._special_id(p.special)]
+                elif p.constant:
+                    part = self._constant_ids(p.text)
+                else:
+                    part = next(encoded)
                 ids.extend(part)
                 mask.extend([int(p.loss)] * len(part))
             samples.append(Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))

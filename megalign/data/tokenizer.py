@@ -114,7 +114,9 @@ class HFTokenizer(Tokenizer):
         }
 
     def encode_batch(self, texts):
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast skips the character offsets the pipeline does not use (about 30% less CPU)
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_with_offsets(self, text):
         e = self._tok.encode(text, add_special_tokens=False)
