@@ -146,13 +146,15 @@ def copies_of(seed: int, input_index: int, line_no: int, ratio: float) -> int:
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_path: str, template: str, seq_length: int, overlength: str) -> None:
+def _init_worker(tokenizer_path: str, template: str, seq_length: int, overlength: str, token_dtype) -> None:
     tokenizer = load_tokenizer(tokenizer_path)
-    _worker_state.update(encoder=make_encoder(template, tokenizer), seq_length=seq_length, overlength=overlength)
+    _worker_state.update(encoder=make_encoder(template, tokenizer), seq_length=seq_length, overlength=overlength,
+                         token_dtype=token_dtype)
 
 
 def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
-    """(input, line, raw) records -> ("ok", input, line, tokens, mask, truncated) | ("reject", input, line, reason, detail)."""
+    """(input, line, raw) records -> ("ok", input, line, tokens, packed mask bits, truncated)
+    | ("reject", input, line, reason, detail)."""
     encoder, seq_length, overlength = _worker_state["encoder"], _worker_state["seq_length"], _worker_state["overlength"]
     outcomes: list = [None] * len(chunk)
     parsed, where = [], []
@@ -175,7 +177,9 @@ def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
             outcomes[k] = ("reject", input_index, line_no, RejectReason.NO_LOSS_TOKENS.value,
                            "no assistant token left to train on" + (" after truncation" if truncated else ""))
             continue
-        outcomes[k] = ("ok", input_index, line_no, tokens, mask, truncated)
+        # Small on the wire back to the main process: tokens in the file's dtype, the mask as bits.
+        outcomes[k] = ("ok", input_index, line_no, tokens.astype(_worker_state["token_dtype"]), np.packbits(mask),
+                       truncated)
     return outcomes
 
 
@@ -203,9 +207,9 @@ def _chunks(opts: PreprocessOptions, counts: list[InputCounts]) -> Iterator[tupl
         yield chunk, copies
 
 
-def _map_in_order(opts: PreprocessOptions, chunks: Iterator[tuple[list, list[int]]]) -> Iterator[tuple[list, list[int]]]:
+def _map_in_order(opts: PreprocessOptions, token_dtype, chunks: Iterator[tuple[list, list[int]]]) -> Iterator[tuple[list, list[int]]]:
     """Tokenize chunks in worker processes (or in-process for one worker), yielding results in input order."""
-    init_args = (opts.tokenizer, opts.chat_template, opts.seq_length, opts.overlength)
+    init_args = (opts.tokenizer, opts.chat_template, opts.seq_length, opts.overlength, token_dtype)
     if opts.workers == 1:
         _init_worker(*init_args)
         for chunk, copies in chunks:
@@ -287,7 +291,7 @@ def _tokenize_all(opts, counts, store, temp_prefix) -> tuple[np.ndarray, np.ndar
     sample_slots, slot_lengths, slot_loss_tokens = array("q"), array("q"), array("q")
     with open(fmt.rejects_file(temp_prefix), "w", encoding="utf-8") as rejects, \
             tqdm(unit="rec", desc="tokenize", disable=_no_progress(opts)) as bar:
-        for outcomes, copies in _map_in_order(opts, _chunks(opts, counts)):
+        for outcomes, copies in _map_in_order(opts, store.token_dtype, _chunks(opts, counts)):
             for outcome, n in zip(outcomes, copies):
                 kind, input_index, line_no = outcome[:3]
                 c = counts[input_index]
@@ -296,7 +300,8 @@ def _tokenize_all(opts, counts, store, temp_prefix) -> tuple[np.ndarray, np.ndar
                     c.rejected[reason] += 1
                     rejects.write(json.dumps({"input": c.path, "line": line_no, "reason": reason, "detail": detail}) + "\n")
                     continue
-                tokens, mask, truncated = outcome[3:]
+                tokens, mask_bits, truncated = outcome[3:]
+                mask = np.unpackbits(mask_bits, count=len(tokens))
                 slot = store.append(tokens, mask)
                 slot_lengths.append(len(tokens))
                 slot_loss_tokens.append(int(mask[1:].sum()))
