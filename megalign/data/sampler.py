@@ -77,10 +77,6 @@ class PackSampler:
         per_rank = self.global_batch // self.dp_size
         return batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
-    def epoch(self, dataset: int = 0) -> float:
-        datasets, _ = self._dataset_of(0, self.consumed) if self.consumed else (np.zeros(0), None)
-        return float((datasets == dataset).sum()) / self.num_packs[dataset]
-
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "num_packs": self.num_packs,
                 "weights": self.weights.tolist(), "global_batch": self.global_batch}

@@ -43,7 +43,8 @@ def _draw(name: str, shape: tuple[int, ...], std: float, num_layers: int, seed: 
     """The full tensor of a parameter, as megatron's default init would draw it (normal, scaled output)."""
     if name.endswith("bias"):
         return torch.zeros(shape, device=device)
-    if "layernorm" in name or name.endswith("norm.weight"):
+    module, _, leaf = name.rpartition(".")
+    if "norm" in leaf or "norm" in module.rpartition(".")[2]:  # input_layernorm.weight, TE's layer_norm_weight
         return torch.ones(shape, device=device)
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         std = std / math.sqrt(2.0 * num_layers)  # megatron's scaled_init_method_normal

@@ -46,9 +46,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = resolve_device(cfg.run.device)
-        backend = resolve_backend(cfg.model.attention_backend if self.device == "cuda" else
-                                  ("sdpa" if cfg.model.attention_backend == "auto" else cfg.model.attention_backend))
-        self.attention_backend = backend
+        self.attention_backend = backend = resolve_backend(cfg.model.attention_backend)
         self.layout: Layout = initialize(cfg, self.device)
         self.datasets = [PackedDataset(p, verify=cfg.data.verify) for p in cfg.data_paths]
         if cfg.model.vocab_size is None:
@@ -159,18 +157,6 @@ class Trainer:
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
 
     # -- the run ----------------------------------------------------------------------------------------
-    def evaluate_loss(self, refs: list[PackRef]) -> float:
-        """Loss of the given packs (as one global batch, split over DP) without updating anything."""
-        mine = refs[self.layout.dp_rank::self.layout.dp]
-        micro_batches = [self._micro_batch(r) for r in mine]
-        with torch.no_grad():
-            reports = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(micro_batches), model=[self.model],
-                num_microbatches=len(micro_batches), seq_length=max(len(b.tokens) for b in micro_batches),
-                micro_batch_size=1, forward_only=True,
-            )
-        return self._global_loss(reports)
-
     def save(self, directory: Path) -> Path:
         """Model weights as a megatron dist_checkpointing checkpoint (full resume state: checkpoints issue)."""
         from megatron.core import dist_checkpointing
