@@ -140,7 +140,7 @@ class PieceEncoder:
         samples = []
         for pieces in all_pieces:
             ids: list[int] = []
-            mask: list[int] = []
+            lengths, losses = [], []
             for p in pieces:
                 if p.special is not None:
                     part = [self._special_id(p.special)]
@@ -148,9 +148,11 @@ class PieceEncoder:
                     part = self._constant_ids(p.text)
                 else:
                     part = next(encoded)
-                ids.extend(part)
-                mask.extend([int(p.loss)] * len(part))
-            samples.append(Sample(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
+                ids += part
+                lengths.append(len(part))
+                losses.append(p.loss)
+            mask = np.repeat(np.asarray(losses, dtype=np.uint8), lengths)
+            samples.append(Sample(np.fromiter(ids, dtype=np.int32, count=len(ids)), mask))
         return samples
 
 
