@@ -1,0 +1,55 @@
+"""The training entry point: a short run writes metrics, log, TensorBoard and a checkpoint; bad configs are
+one-line errors before any process group starts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megalign.data import synthetic
+from megalign.data.preprocess import PreprocessOptions, preprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "sequences", "tokens", "tokens_per_s", "tflops_per_gpu"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, bpe_tokenizer_dir):
+    out = tmp_path_factory.mktemp("train_cli")
+    paths = synthetic.make_example(out, n_long=4, n_short=30, min_words=40, max_words=150, seed=7)
+    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(bpe_tokenizer_dir),
+                             chat_template="llama3", seq_length=1024, output_prefix=str(out / "ds"), progress=False)
+    return preprocess(opts).prefix
+
+
+def train(*args):
+    return subprocess.run([sys.executable, "-m", "megalign.train", "--config", str(ROOT / "examples" / "tiny.yaml"),
+                           *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_a_short_run_writes_metrics_log_tensorboard_and_checkpoint(dataset, tmp_path):
+    out = tmp_path / "run"
+    done = train(f"data.path={dataset}", f"run.output_dir={out}", "training.steps=3", "training.global_batch=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(METRIC_KEYS <= set(r) for r in records)
+    assert all(r["tokens"] > 0 and r["sequences"] >= 2 and r["tflops_per_gpu"] > 0 for r in records)
+    assert (out / "train.log").read_text().count("step ") >= 3
+    assert list((out / "tensorboard").iterdir())
+    assert (out / "checkpoints" / "step_0000003" / "metadata.json").is_file()
+    assert "checkpoint:" in done.stdout and "metrics:" in done.stdout
+    assert "vocab_size: 600" in (out / "config.yaml").read_text()  # taken from the dataset's tokenizer
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.lrr=1", "error: config key training.lrr: Key 'lrr' not in 'TrainingConfig'"),
+    ("parallel.tp=2", "error: config keys parallel.tp*pp*cp = 2 must divide the world size 1"),
+])
+def test_bad_config_is_a_one_line_error(dataset, tmp_path, override, message):
+    done = train(f"data.path={dataset}", f"run.output_dir={tmp_path}", override)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(message)
+    assert not list(tmp_path.iterdir())
