@@ -32,7 +32,7 @@ def _quiet_known_warnings() -> None:
     """Notices from megatron-core about optional packages we chose not to need, and deprecations inside it."""
     for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                     "full scope is deprecated", "The .grad attribute of a Tensor that is not a leaf",
-                    ".*is deprecated. Please use"):
+                    ".*is deprecated. Please use", "When using async grad allreduce"):
         warnings.filterwarnings("ignore", message=message)
 
 

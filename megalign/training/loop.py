@@ -48,6 +48,8 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
         where = trainer.save(Path(cfg.checkpoint.dir or out / "checkpoints") / f"step_{trainer.step:07d}")
         log.info(f"checkpoint: {where}")
     if records:
-        log.info(f"loss {records[0]['loss']:.4f} (step 1) -> {records[-1]['loss']:.4f} (step {records[-1]['step']})")
+        tail = [r["loss"] for r in records[-5:]]
+        log.info(f"loss {records[0]['loss']:.4f} at step 1 -> {records[-1]['loss']:.4f} at step {records[-1]['step']} "
+                 f"(mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
     log.info(f"metrics: {out / 'metrics.jsonl'}; log: {out / 'train.log'}; tensorboard: {out / 'tensorboard'}")
     return records
