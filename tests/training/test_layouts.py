@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from megalign.data import synthetic
-from megalign.data.preprocess import PreprocessOptions, preprocess
 
 WORKER = Path(__file__).with_name("distributed_checks.py")
 LAYOUTS = {
@@ -22,15 +20,6 @@ LAYOUTS = {
     "recompute full": (1, ["model.recompute=full"]),
     "recompute selective": (1, ["model.recompute=selective"]),
 }
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, bpe_tokenizer_dir):
-    out = tmp_path_factory.mktemp("layouts")
-    paths = synthetic.make_example(out, n_long=6, n_short=40, min_words=40, max_words=200, seed=5)
-    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(bpe_tokenizer_dir),
-                             chat_template="chatml", seq_length=1024, output_prefix=str(out / "ds"), progress=False)
-    return preprocess(opts).prefix
 
 
 @pytest.fixture(scope="module")

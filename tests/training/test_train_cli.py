@@ -8,20 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from megalign.data import synthetic
-from megalign.data.preprocess import PreprocessOptions, preprocess
-
 ROOT = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "sequences", "tokens", "tokens_per_s", "tflops_per_gpu"}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, bpe_tokenizer_dir):
-    out = tmp_path_factory.mktemp("train_cli")
-    paths = synthetic.make_example(out, n_long=4, n_short=30, min_words=40, max_words=150, seed=7)
-    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(bpe_tokenizer_dir),
-                             chat_template="llama3", seq_length=1024, output_prefix=str(out / "ds"), progress=False)
-    return preprocess(opts).prefix
 
 
 def train(*args):
