@@ -170,6 +170,9 @@ def validate(cfg: Config, world_size: int) -> None:
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("model.recompute", m.recompute, RECOMPUTE)
     _check_choice("model.rope_scaling", m.rope_scaling, ROPE_SCALING)
+    if m.rope_scaling in ("ntk", "yarn"):
+        raise MegalignError(f"config key model.rope_scaling: {m.rope_scaling} is not implemented yet; "
+                            "use none, linear or llama3")
     _check_choice("model.activation", m.activation, ("swiglu", "gelu"))
     _check_choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _check_choice("run.wandb", cfg.run.wandb, ("off", "offline", "online"))

@@ -59,6 +59,7 @@ def test_load_errors_are_one_line(overrides, message):
                                       "try training.global_batch=2"),
     (["training.loss=mean"], 1, "config key training.loss: 'mean' is not one of sequence, token, pack"),
     (["model.attention_backend=xformers"], 1, "model.attention_backend: 'xformers' is not one of auto, te"),
+    (["model.rope_scaling=yarn"], 1, "model.rope_scaling: yarn is not implemented yet; use none, linear or llama3"),
     (["model.vocab_size=10"], 1, "model.vocab_size=10 is smaller than the dataset tokenizer's 1000"),
 ])
 def test_rules_between_keys(dataset_prefix, overrides, world, message):

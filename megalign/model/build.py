@@ -74,13 +74,13 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
     )
 
 
-def layer_spec(backend: str):
+def layer_spec(backend: str, normalization: str):
     """The local (plain megatron-core) layer spec with a THD-capable core attention; TE's own spec for `te`."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
     attention = spec.submodules.self_attention
     attention.submodules.core_attention = CORE_ATTENTION[backend]
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal}
@@ -90,14 +90,9 @@ def layer_spec(backend: str):
 def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32) -> GPTModel:
     """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn."""
     m = cfg.model
-    config = transformer_config(cfg, params_dtype)
-    spec = layer_spec(backend)
-    if m.normalization == "LayerNorm" and backend != "te":
-        spec = copy.deepcopy(get_gpt_layer_local_spec())
-        spec.submodules.self_attention.submodules.core_attention = CORE_ATTENTION[backend]
     return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
+        config=transformer_config(cfg, params_dtype),
+        transformer_layer_spec=layer_spec(backend, m.normalization),
         vocab_size=padded_vocab_size(m),
         max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
