@@ -84,6 +84,3 @@ def enable() -> None:
     torch.cuda.empty_cache = lambda: None
     _enabled = True
 
-
-def is_enabled() -> bool:
-    return _enabled

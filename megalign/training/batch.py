@@ -31,10 +31,6 @@ class Batch:
     count: torch.Tensor  # sequences / target tokens / packs, by loss mode
     num_targets: int
 
-    @property
-    def lengths(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-
     def packed_seq_params(self) -> PackedSeqParams:
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
