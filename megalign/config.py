@@ -41,10 +41,18 @@ class ModelConfig:
     add_qkv_bias: bool = False  # Qwen2
     add_bias_linear: bool = False
     tie_embeddings: bool = False
-    rotary_base: float = 10000.0
-    rotary_percent: float = 1.0  # GLM: 0.5
-    rope_scaling: str = "none"
+    rotary_base: float = 10000.0  # HF rope_theta
+    rotary_percent: float = 1.0  # GLM: 0.5 (HF partial_rotary_factor)
+    rotary_interleaved: bool = False  # GLM: rotate (even, odd) pairs instead of the two halves
+    # RoPE scaling, named and parameterised as HF's rope_scaling / rope_parameters
+    rope_scaling: str = "none"  # none | linear | ntk | yarn | llama3
     rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: Optional[int] = None  # yarn, llama3 (None: max_position_embeddings)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: Optional[float] = None  # yarn (None: HF's default 0.1 * ln(factor) + 1)
     max_position_embeddings: int = 4096
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
