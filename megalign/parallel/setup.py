@@ -25,6 +25,7 @@ class Layout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp_rank: int = 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -79,6 +80,7 @@ def current_layout() -> Layout:
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
 
 
