@@ -94,8 +94,13 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_at_end: bool = True
     dir: Optional[str] = None  # None: run.output_dir/checkpoints
+    interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    keep: int = 2  # complete checkpoints kept, newest first (0: all)
+    save_at_end: bool = True
+    resume: bool = True  # continue from the newest complete checkpoint in `dir`, if there is one
+    resume_from: Optional[str] = None  # continue from this checkpoint instead (any TP/PP/DP layout)
+    init_from: Optional[str] = None  # a new run starting from these weights (e.g. an imported HF model)
 
 
 @dataclass
@@ -107,6 +112,8 @@ class RunConfig:
     wandb: str = "off"  # off | offline | online (online needs WANDB_API_KEY)
     wandb_project: str = "megalign"
     progress: bool = True
+    stop_at_step: Optional[int] = None  # end this session after that step, with a checkpoint (the schedule
+    #                                     still runs to training.steps: a later run resumes)
 
 
 @dataclass
@@ -227,6 +234,20 @@ def validate(cfg: Config, world_size: int) -> None:
         raise MegalignError(f"config key training.global_batch={t.global_batch} must be a multiple of the data-parallel "
                             f"size {dp}; try training.global_batch={max(dp, t.global_batch // dp * dp)}")
     _validate_data(cfg)
+    _validate_checkpoint(cfg.checkpoint)
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    for key, value in (("checkpoint.interval", c.interval), ("checkpoint.keep", c.keep)):
+        if value < 0:
+            raise MegalignError(f"config key {key}: must be >= 0, got {value}")
+    for key, value in (("checkpoint.resume_from", c.resume_from), ("checkpoint.init_from", c.init_from)):
+        if value is not None and not os.path.isdir(value):
+            raise MegalignError(f"config key {key}: {value} is not a directory (a checkpoint written by megalign "
+                                "or tools/convert_checkpoint.py)")
+    if c.resume_from is not None and c.init_from is not None:
+        raise MegalignError("config keys checkpoint.resume_from and checkpoint.init_from exclude each other: "
+                            "resume_from continues a run, init_from starts a new one from weights")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -172,19 +172,37 @@ def _optimizers(optimizer) -> list:
 
 
 def _prepare_optimizer_for_loading(optimizer) -> None:
-    """A fresh optimizer has no Adam state yet; megatron's loader needs it allocated."""
+    """A fresh optimizer has no Adam state yet; megatron's loader needs it allocated, `step` included (megatron
+    allocates only the moments; without TE/Apex its state_dict reads a per-parameter `step`)."""
     for opt in _optimizers(optimizer):
         if not opt.optimizer.state:
             opt.init_state_fn(opt.optimizer, opt.config)
+            for state in opt.optimizer.state.values():
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def _unshare_steps(optimizer) -> None:
-    """Megatron restores one `step` tensor shared by every parameter; each Adam update would then advance it
-    once per parameter (a silently wrong bias correction). Each parameter gets its own copy."""
-    for opt in _optimizers(optimizer):
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+def _load_optimizer(optimizer, loaded) -> None:
+    """Load the optimizer state in two parts, around a bug of megatron-core 0.16 without TE/Apex (plain torch
+    Adam): its fully reshardable loader copies every per-parameter state key, `step` included, from a source
+    that never has `step` (KeyError). So: groups and step first, then the tensors with `step` set aside.
+
+    Megatron also restores one `step` tensor shared by all parameters, which each Adam update would then advance
+    once per parameter (a silently wrong bias correction): each parameter gets its own copy."""
+    chained = _optimizers(optimizer)
+    parts = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
+    for opt, part in zip(chained, parts):
+        part = dict(part)
+        param_state = part.pop("param_state", None)
+        sharding = part.pop("param_state_sharding_type", None)
+        opt.load_state_dict(part)
+        if param_state is None:
+            continue
+        if sharding != "fully_reshardable":
+            raise MegalignError(f"optimizer state of sharding type {sharding!r}; megalign writes fully_reshardable")
+        steps = {p: state.pop("step") for p, state in opt.optimizer.state.items() if "step" in state}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step.clone()
 
 
 def training_state(trainer, is_loading: bool, with_rng: bool = True) -> dict:
@@ -242,8 +260,7 @@ def load_training(trainer, path: str | Path) -> dict:
     state = training_state(trainer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(path))
     trainer.model.module.load_state_dict(loaded["model"])
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_steps(trainer.optimizer)
+    _load_optimizer(trainer.optimizer, loaded["optimizer"])
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     trainer.sampler.load_state_dict(loaded["sampler"])
     trainer.step = int(loaded["step"])

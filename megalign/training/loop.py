@@ -1,4 +1,5 @@
-"""The run: steps, per-step metrics, console/progress output and the final checkpoint."""
+"""The run: steps, per-step metrics, console/progress output, periodic checkpoints, preemption, the final
+checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megalign.checkpoint.preemption import PreemptionWatch
 from megalign.training.metrics import MetricsLogger
 from megalign.training.trainer import StepResult, Trainer
 
@@ -27,29 +29,49 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
     log.info(f"megalign: {layout.world_size} processes (tp {layout.tp}, pp {layout.pp}, cp {layout.cp}, "
              f"dp {layout.dp}) on {trainer.device}, attention {trainer.attention_backend}, loss {cfg.training.loss}, "
              f"{sum(len(d) for d in trainer.datasets)} packs, global batch {cfg.training.global_batch}")
+    if trainer.started_from:
+        log.info(trainer.started_from)
     records = []
-    bar = tqdm(total=cfg.training.steps, desc="train", disable=not (speaker and cfg.run.progress), leave=False)
+    preempted = None
+    bar = tqdm(total=cfg.training.steps, initial=trainer.step, desc="train",
+               disable=not (speaker and cfg.run.progress), leave=False)
+    watch = PreemptionWatch(trainer._comm_device())
     try:
-        while trainer.step < cfg.training.steps:
-            result = trainer.train_step()
-            record = metrics_record(result, layout.world_size)
-            records.append(record)
-            metrics.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-            if result.step % cfg.run.log_interval == 0 or result.step == cfg.training.steps:
-                log.info(f"step {result.step}/{cfg.training.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
-                         f"grad_norm {result.grad_norm:.3f} seqs {result.sequences} tokens {result.tokens} "
-                         f"{record['tokens_per_s']:,.0f} tok/s {record['tflops_per_gpu']:.4f} TFLOP/s/gpu")
+        with watch:
+            last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)
+            while trainer.step < last_step:
+                result = trainer.train_step()
+                _report(result, cfg, layout, metrics, bar, records, log)
+                stop = watch.agreed()
+                interval = cfg.checkpoint.interval
+                if stop or (interval and result.step % interval == 0):
+                    log.info(f"checkpoint: {trainer.save_checkpoint()}")
+                if stop:
+                    preempted = watch.signal_name
+                    break
     finally:
         bar.close()
         metrics.close()
-    if cfg.checkpoint.save_at_end:
-        where = trainer.save(Path(cfg.checkpoint.dir or out / "checkpoints") / f"step_{trainer.step:07d}")
-        log.info(f"checkpoint: {where}")
+    if preempted:
+        log.info(f"stopped by {preempted} after step {trainer.step}: the checkpoint above holds the run; "
+                 "run the same command again to resume")
+    elif (cfg.checkpoint.save_at_end or trainer.step < cfg.training.steps) and trainer.saved_step != trainer.step:
+        log.info(f"checkpoint: {trainer.save_checkpoint()}")
     if records:
         tail = [r["loss"] for r in records[-5:]]
-        log.info(f"loss {records[0]['loss']:.4f} at step 1 -> {records[-1]['loss']:.4f} at step {records[-1]['step']} "
-                 f"(mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
+        log.info(f"loss {records[0]['loss']:.4f} at step {records[0]['step']} -> {records[-1]['loss']:.4f} at step "
+                 f"{records[-1]['step']} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
     log.info(f"metrics: {out / 'metrics.jsonl'}; log: {out / 'train.log'}; tensorboard: {out / 'tensorboard'}")
     return records
+
+
+def _report(result: StepResult, cfg, layout, metrics, bar, records: list, log: logging.Logger) -> None:
+    record = metrics_record(result, layout.world_size)
+    records.append(record)
+    metrics.log(record)
+    bar.update(1)
+    bar.set_postfix(loss=f"{result.loss:.4f}")
+    if result.step % cfg.run.log_interval == 0 or result.step == cfg.training.steps:
+        log.info(f"step {result.step}/{cfg.training.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
+                 f"grad_norm {result.grad_norm:.3f} seqs {result.sequences} tokens {result.tokens} "
+                 f"{record['tokens_per_s']:,.0f} tok/s {record['tflops_per_gpu']:.4f} TFLOP/s/gpu")

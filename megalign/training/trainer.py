@@ -16,6 +16,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megalign.checkpoint import CheckpointStore, load_training, load_weights, resolve, save_training
 from megalign.config import Config
 from megalign.data.packed_dataset import PackedDataset
 from megalign.data.sampler import PackRef, PackSampler
@@ -86,6 +87,9 @@ class Trainer:
                                    self.layout.dp, t.seed)
         self.padded_vocab = padded_vocab_size(cfg.model)
         self.step = 0
+        self.checkpoints = CheckpointStore(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
+        self.saved_step: int | None = None  # the step of the newest checkpoint of this run
+        self.started_from = self._restore()
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _micro_batch(self, ref: PackRef) -> Batch:
@@ -156,13 +160,24 @@ class Trainer:
     def _comm_device(self):
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
 
-    # -- the run ----------------------------------------------------------------------------------------
-    def save(self, directory: Path) -> Path:
-        """Model weights as a megatron dist_checkpointing checkpoint (full resume state: checkpoints issue)."""
-        from megatron.core import dist_checkpointing
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _restore(self) -> str | None:
+        """Continue a run (checkpoint.resume_from, else the newest checkpoint in the run's directory), or start
+        a new one from weights (checkpoint.init_from), or from the seeded initialisation. Says which."""
+        c = self.cfg.checkpoint
+        resume = resolve(c.resume_from) if c.resume_from else (self.checkpoints.latest() if c.resume else None)
+        if resume is not None:
+            load_training(self, resume)
+            self.saved_step = self.step
+            return f"resumed from {resume} at step {self.step}"
+        if c.init_from:
+            manifest = load_weights(self.model.module, c.init_from, self.cfg.model, self.padded_vocab)
+            self.optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
+            return f"weights from {c.init_from} ({manifest['kind']} checkpoint, step {manifest['step']})"
+        return None
 
-        directory.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        dist_checkpointing.save(self.model.module.sharded_state_dict(), str(directory))
-        dist.barrier()
-        return directory
+    def save_checkpoint(self) -> Path:
+        """Everything needed to resume, published atomically under checkpoint.dir (collective)."""
+        where = save_training(self, self.checkpoints, keep=self.cfg.checkpoint.keep or None)
+        self.saved_step = self.step
+        return where
