@@ -13,3 +13,13 @@ def dataset(tmp_path_factory, bpe_tokenizer_dir):
     opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(bpe_tokenizer_dir),
                              chat_template="chatml", seq_length=1024, output_prefix=str(out / "ds"), progress=False)
     return preprocess(opts).prefix
+
+
+@pytest.fixture(scope="session")
+def other_dataset(tmp_path_factory, bpe_tokenizer_dir):
+    """Same tokenizer and shape of data as `dataset`, other samples."""
+    out = tmp_path_factory.mktemp("other_training_data")
+    paths = synthetic.make_example(out, n_long=6, n_short=40, min_words=40, max_words=200, seed=6)
+    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(bpe_tokenizer_dir),
+                             chat_template="chatml", seq_length=1024, output_prefix=str(out / "ds"), progress=False)
+    return preprocess(opts).prefix

@@ -1,0 +1,69 @@
+"""The on-disk protocol: a checkpoint is visible only once complete; the tracker is written last; pruning
+keeps the newest; damaged checkpoints are named errors."""
+
+import json
+
+import pytest
+
+from megalign.checkpoint.store import CheckpointStore, read_manifest
+from megalign.errors import MegalignError
+
+
+def save(store: CheckpointStore, step: int, keep=None, payload=b"x" * 10):
+    partial = store.begin(step)
+    (partial / "shard.distcp").write_bytes(payload)
+    return store.publish(step, {"kind": "training", "step": step}, keep)
+
+
+def test_publish_seals_a_manifest_and_moves_the_tracker(tmp_path):
+    store = CheckpointStore(tmp_path)
+    assert store.latest() is None
+    first = save(store, 1)
+    assert first.name == "step_0000001" and (tmp_path / "latest").read_text().strip() == "step_0000001"
+    manifest = read_manifest(first)
+    assert manifest["files"] == {"shard.distcp": 10} and manifest["step"] == 1
+    save(store, 2)
+    assert store.latest().name == "step_0000002"
+
+
+def test_an_interrupted_save_is_invisible_and_cleaned_by_the_next(tmp_path):
+    store = CheckpointStore(tmp_path)
+    save(store, 1)
+    (store.begin(2) / "shard.distcp").write_bytes(b"half")  # killed before publish
+    assert store.latest().name == "step_0000001"
+    assert [p.name for p in store.complete()] == ["step_0000001"]
+    save(store, 3)
+    assert not store.partial_dir(2).exists()
+
+
+def test_a_lost_tracker_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path)
+    save(store, 1)
+    save(store, 2)
+    (tmp_path / "latest").unlink()  # killed between the rename and the tracker update
+    assert store.latest().name == "step_0000002"
+    (tmp_path / "latest").write_text("step_0000009\n")  # names something that is not there
+    assert store.latest().name == "step_0000002"
+
+
+def test_keep_prunes_the_oldest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    for step in range(1, 5):
+        save(store, step, keep=2)
+    assert [p.name for p in store.complete()] == ["step_0000003", "step_0000004"]
+
+
+def test_damaged_checkpoints_are_named(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1)
+    (path / "shard.distcp").write_bytes(b"xx")
+    with pytest.raises(MegalignError, match="shard.distcp has 2 bytes, the manifest says 10"):
+        read_manifest(path)
+    (path / "shard.distcp").unlink()
+    with pytest.raises(MegalignError, match="shard.distcp is missing"):
+        read_manifest(path)
+    (path / "megalign.json").write_text(json.dumps({"format_version": 99, "files": {}}))
+    with pytest.raises(MegalignError, match="format_version 99"):
+        read_manifest(path)
+    with pytest.raises(MegalignError, match="no megalign.json"):
+        read_manifest(tmp_path)

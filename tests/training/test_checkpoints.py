@@ -1,0 +1,161 @@
+"""Checkpoints through the real training entry point (torchrun, gloo, CPU fp32):
+
+- a run stopped after k steps and resumed logs the same losses, bit for bit, as one that never stopped, with
+  dropout on (so RNG streams must be restored too);
+- SIGTERM mid-run: the run finishes its step, saves and exits; resuming gives the same losses again;
+- SIGKILL in the middle of a save leaves the previous checkpoint published and the run resumable;
+- a TP=2 checkpoint resumes at TP=1, PP=2 and DP=2 with the same next-step loss;
+- a truncated, differently shaped or other-data checkpoint is a one-line error naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megalign.checkpoint.store import CheckpointStore, read_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+# dropout makes the resumed run depend on the restored RNG streams
+EXACT = ("parallel.tp=2", f"training.steps={STEPS}", "training.global_batch=2", "model.hidden_dropout=0.1",
+         "model.attention_dropout=0.1")
+
+
+def command(nproc: int, dataset: str, out: Path, *overrides: str) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return [*launcher, "-m", "megalign.train", "--config", str(ROOT / "examples" / "tiny.yaml"),
+            f"data.path={dataset}", f"run.output_dir={out}", "run.progress=false", *overrides]
+
+
+def train(nproc: int, dataset: str, out: Path, *overrides: str, expect_ok: bool = True):
+    done = subprocess.run(command(nproc, dataset, out, *overrides), capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    if expect_ok:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    """The logged records by step (a step logged twice, before a crash and after the resume: the last)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records}
+
+
+def same_losses(a: dict[int, dict], b: dict[int, dict]) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        for key in ("loss", "grad_norm", "lr", "tokens"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(2, dataset, out, *EXACT)
+    return metrics(out)
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(dataset, tmp_path, straight):
+    train(2, dataset, tmp_path, *EXACT, "run.stop_at_step=3")
+    assert sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert CheckpointStore(tmp_path / "checkpoints").latest().name == "step_0000003"
+    done = train(2, dataset, tmp_path, *EXACT)
+    assert "resumed from" in done.stdout and "at step 3" in done.stdout
+    same_losses(metrics(tmp_path), straight)
+
+
+def _wait_for(predicate, timeout: float = 120.0, every: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(every)
+
+
+def _logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigterm_saves_after_the_step_and_the_resume_is_exact(dataset, tmp_path, straight):
+    run = subprocess.Popen(command(2, dataset, tmp_path, *EXACT), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _logged_steps(tmp_path) >= 2 or run.poll() is not None)
+    run.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers, as SLURM's does to the job
+    output, _ = run.communicate(timeout=120)
+    stopped_at = _logged_steps(tmp_path)
+    assert 2 <= stopped_at < STEPS, output[-3000:]
+    assert f"stopped by SIGTERM after step {stopped_at}" in output
+    assert CheckpointStore(tmp_path / "checkpoints").latest().name == f"step_{stopped_at:07d}"
+    train(2, dataset, tmp_path, *EXACT)
+    same_losses(metrics(tmp_path), straight)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path, straight):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    run = subprocess.Popen(command(2, dataset, tmp_path, *EXACT, "checkpoint.interval=2"), cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: store.partial_dir(4).exists() or run.poll() is not None)
+    os.killpg(run.pid, signal.SIGKILL)  # the launcher and every worker, mid-save
+    run.wait()
+    assert store.partial_dir(4).exists(), "the kill did not land during the save of step 4"
+    assert store.latest().name == "step_0000002"
+    read_manifest(store.latest())  # complete and whole
+    train(2, dataset, tmp_path, *EXACT, "checkpoint.interval=2")
+    assert not store.partial_dir(4).exists()
+    assert [p.name for p in store.complete()] == ["step_0000004", "step_0000006"]  # keep=2
+    same_losses(metrics(tmp_path), straight)
+
+
+def test_a_tp2_checkpoint_resumes_at_tp1_pp2_and_dp2(dataset, tmp_path):
+    base = ("training.steps=4", "training.global_batch=2")
+    source = tmp_path / "tp2"
+    train(2, dataset, source, *base, "parallel.tp=2", "run.stop_at_step=3")
+    resume = f"checkpoint.resume_from={source / 'checkpoints'}"
+    step4 = {}
+    for name, nproc, layout in (("tp2", 2, "parallel.tp=2"), ("tp1", 1, "parallel.tp=1"),
+                                ("pp2", 2, "parallel.pp=2"), ("dp2", 2, "parallel.tp=1")):
+        out = tmp_path / f"from_tp2_{name}"
+        done = train(nproc, dataset, out, *base, layout, resume)
+        assert "resumed from" in done.stdout
+        assert sorted(metrics(out)) == [4]
+        step4[name] = metrics(out)[4]
+    reference = step4.pop("tp2")
+    for name, record in step4.items():
+        assert record["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
+        assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), name
+        assert record["lr"] == reference["lr"], name
+
+
+def test_bad_checkpoints_are_one_line_errors(dataset, other_dataset, tmp_path):
+    source = tmp_path / "source"
+    train(1, dataset, source, "training.steps=2", "training.global_batch=2")
+    ckpt = CheckpointStore(source / "checkpoints").latest()
+    cases = []
+
+    shape = train(1, dataset, tmp_path / "shape", "training.steps=3", "training.global_batch=2",
+                  "model.hidden_size=64", f"checkpoint.resume_from={ckpt}", expect_ok=False)
+    cases.append((shape, "holds a model of another shape: model.hidden_size: checkpoint 128, config 64"))
+
+    data = train(1, other_dataset, tmp_path / "data", "training.steps=3", "training.global_batch=2",
+                 f"checkpoint.resume_from={ckpt}", expect_ok=False)
+    cases.append((data, "was trained on other data"))
+
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    truncated = train(1, dataset, source, "training.steps=3", "training.global_batch=2", expect_ok=False)
+    cases.append((truncated, f"{shard.name} has 100 bytes, the manifest says"))
+
+    for done, message in cases:
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: checkpoint ") and message in last, last
