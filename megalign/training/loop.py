@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,7 +46,7 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
                 stop = watch.agreed()
                 interval = cfg.checkpoint.interval
                 if stop or (interval and result.step % interval == 0):
-                    log.info(f"checkpoint: {trainer.save_checkpoint()}")
+                    _save(trainer, log)
                 if stop:
                     preempted = watch.signal_name
                     break
@@ -56,13 +57,20 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
         log.info(f"stopped by {preempted} after step {trainer.step}: the checkpoint above holds the run; "
                  "run the same command again to resume")
     elif (cfg.checkpoint.save_at_end or trainer.step < cfg.training.steps) and trainer.saved_step != trainer.step:
-        log.info(f"checkpoint: {trainer.save_checkpoint()}")
+        _save(trainer, log)
     if records:
         tail = [r["loss"] for r in records[-5:]]
         log.info(f"loss {records[0]['loss']:.4f} at step {records[0]['step']} -> {records[-1]['loss']:.4f} at step "
                  f"{records[-1]['step']} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
     log.info(f"metrics: {out / 'metrics.jsonl'}; log: {out / 'train.log'}; tensorboard: {out / 'tensorboard'}")
     return records
+
+
+def _save(trainer: Trainer, log: logging.Logger) -> None:
+    started = time.perf_counter()
+    where = trainer.save_checkpoint()
+    size = sum(f.stat().st_size for f in where.rglob("*") if f.is_file())
+    log.info(f"checkpoint: {where} ({size / 2**20:,.1f} MiB in {time.perf_counter() - started:.1f} s)")
 
 
 def _report(result: StepResult, cfg, layout, metrics, bar, records: list, log: logging.Logger) -> None:
