@@ -159,3 +159,18 @@ def test_bad_checkpoints_are_one_line_errors(dataset, other_dataset, tmp_path):
         assert done.returncode == 2, done.stderr[-3000:]
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: checkpoint ") and message in last, last
+
+
+def test_init_from_starts_a_new_run_from_the_weights(dataset, tmp_path):
+    # One global batch = every pack, so each step's loss is over the same packs whatever their order: a new run
+    # from the weights of step 2 has, at its step 1, the loss the source had at step 3.
+    packs = json.loads(Path(dataset + ".json").read_text())["num_packs"]
+    source, fresh = tmp_path / "source", tmp_path / "fresh"
+    train(1, dataset, source, "training.steps=4", f"training.global_batch={packs}", "checkpoint.interval=2")
+    done = train(1, dataset, fresh, "training.steps=4", f"training.global_batch={packs}", "run.stop_at_step=1",
+                 f"checkpoint.init_from={source / 'checkpoints' / 'step_0000002'}")
+    assert "weights from" in done.stdout
+    source_losses, fresh_losses = metrics(source), metrics(fresh)
+    assert fresh_losses[1]["loss"] == pytest.approx(source_losses[3]["loss"], rel=1e-6)
+    assert fresh_losses[1]["loss"] != pytest.approx(source_losses[1]["loss"], rel=1e-3)
+    assert fresh_losses[1]["lr"] == source_losses[1]["lr"]  # a new run: the schedule starts over
