@@ -78,6 +78,8 @@ class Trainer:
             self.optimizer, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
             lr_decay_steps=t.steps, lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=t.steps, wd_incr_style="constant",
+            # a resumed run follows this config's schedule (e.g. more steps); the checkpoint gives the position
+            override_opt_param_scheduler=True,
         )
         config = self.transformer_config
         config.finalize_model_grads_func = finalize_model_grads
