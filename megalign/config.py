@@ -47,7 +47,7 @@ class ModelConfig:
     # RoPE scaling, named and parameterised as HF's rope_scaling / rope_parameters
     rope_scaling: str = "none"  # none | linear | ntk | yarn | llama3
     rope_scaling_factor: float = 1.0
-    rope_original_max_position_embeddings: Optional[int] = None  # yarn, llama3 (None: max_position_embeddings)
+    rope_original_max_position_embeddings: Optional[int] = None  # ntk, yarn, llama3 (None: max_position_embeddings)
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_beta_fast: float = 32.0  # yarn
@@ -178,16 +178,45 @@ def _divisor_hint(n: int, limit: int = 64) -> str:
     return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def _validate_rope(m: ModelConfig) -> None:
+    """RoPE keys, with HF's rules for each scaling type (see megalign/model/rope.py for the types)."""
+    _check_choice("model.rope_scaling", m.rope_scaling, ROPE_SCALING)
+    if not 0 < m.rotary_percent <= 1:
+        raise MegalignError(f"config key model.rotary_percent={m.rotary_percent} must be in (0, 1] (GLM: 0.5)")
+    if m.kv_channels or m.hidden_size % m.num_attention_heads == 0:  # otherwise reported with the head size
+        dim = int((m.kv_channels or m.hidden_size // m.num_attention_heads) * m.rotary_percent)
+        if dim < 2 or dim % 2:
+            raise MegalignError(f"config key model.rotary_percent={m.rotary_percent} gives an odd or empty rotary "
+                                f"dimension {dim}: head dimension * rotary_percent must be even")
+        if m.rope_scaling == "ntk" and dim <= 2:
+            raise MegalignError("config key model.rope_scaling=ntk needs a rotary dimension > 2")
+    if m.rope_scaling == "none":
+        return
+    key = f"for model.rope_scaling={m.rope_scaling}"
+    if m.rope_scaling_factor < 1:
+        raise MegalignError(f"config key model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 {key}")
+    original = m.rope_original_max_position_embeddings
+    if original is not None and original < 1:
+        raise MegalignError(f"config key model.rope_original_max_position_embeddings={original} must be >= 1, "
+                            "or unset (max_position_embeddings)")
+    if m.rope_scaling == "llama3" and m.rope_low_freq_factor >= m.rope_high_freq_factor:
+        raise MegalignError(f"config key model.rope_low_freq_factor={m.rope_low_freq_factor} must be smaller than "
+                            f"model.rope_high_freq_factor={m.rope_high_freq_factor} {key} (Llama 3.1: 1 and 4)")
+    if m.rope_scaling == "yarn" and m.rope_beta_fast < m.rope_beta_slow:
+        raise MegalignError(f"config key model.rope_beta_fast={m.rope_beta_fast} must be >= model.rope_beta_slow="
+                            f"{m.rope_beta_slow} {key} (YaRN: 32 and 1)")
+    if m.rope_scaling == "yarn" and m.rope_attention_factor is not None and m.rope_attention_factor <= 0:
+        raise MegalignError(f"config key model.rope_attention_factor={m.rope_attention_factor} must be > 0, or "
+                            "unset (0.1 * ln(factor) + 1)")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every rule between keys, checked before any process group starts (one line per problem, first wins)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     _check_choice("training.loss", t.loss, LOSS_MODES)
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("model.recompute", m.recompute, RECOMPUTE)
-    _check_choice("model.rope_scaling", m.rope_scaling, ROPE_SCALING)
-    if m.rope_scaling in ("ntk", "yarn"):
-        raise MegalignError(f"config key model.rope_scaling: {m.rope_scaling} is not implemented yet; "
-                            "use none, linear or llama3")
+    _validate_rope(m)
     _check_choice("model.activation", m.activation, ("swiglu", "gelu"))
     _check_choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _check_choice("run.wandb", cfg.run.wandb, ("off", "offline", "online"))
@@ -208,8 +237,6 @@ def validate(cfg: Config, world_size: int) -> None:
             f"config keys parallel.tp*pp*cp = {model_parallel} must divide the world size {world_size}; "
             f"with {world_size} processes, tp*pp*cp can be one of {_divisor_hint(world_size)}"
         )
-    if p.cp != 1:
-        raise MegalignError("config key parallel.cp: context parallelism is not available yet; set parallel.cp=1")
     dp = world_size // model_parallel
     if m.num_attention_heads % p.tp:
         raise MegalignError(f"config key parallel.tp={p.tp} must divide model.num_attention_heads="
@@ -268,6 +295,12 @@ def _validate_data(cfg: Config) -> None:
     vocab = {m["tokenizer"]["sha256"] for m in metas}
     if len(vocab) > 1:
         raise MegalignError("config key data.path: the datasets were made with different tokenizers")
+    longest = max(m["seq_length"] for m in metas)
+    if longest > cfg.model.max_position_embeddings:
+        raise MegalignError(
+            f"config key model.max_position_embeddings={cfg.model.max_position_embeddings} is shorter than the "
+            f"packs of data.path ({longest} tokens): set model.max_position_embeddings={longest} (with a larger "
+            "model.rotary_base or model.rope_scaling to extend a model's context)")
     need = max(m["tokenizer"]["vocab_size"] for m in metas)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < need:
         raise MegalignError(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the dataset "

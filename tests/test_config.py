@@ -11,7 +11,7 @@ from megalign.errors import MegalignError
 @pytest.fixture()
 def dataset_prefix(tmp_path):
     """Only the metadata file matters to validation."""
-    meta = {"tokenizer": {"sha256": "x", "vocab_size": 1000}}
+    meta = {"tokenizer": {"sha256": "x", "vocab_size": 1000}, "seq_length": 1024}
     (tmp_path / "ds.json").write_text(json.dumps(meta))
     return str(tmp_path / "ds")
 
@@ -59,8 +59,14 @@ def test_load_errors_are_one_line(overrides, message):
                                       "try training.global_batch=2"),
     (["training.loss=mean"], 1, "config key training.loss: 'mean' is not one of sequence, token, pack"),
     (["model.attention_backend=xformers"], 1, "model.attention_backend: 'xformers' is not one of auto, te"),
-    (["model.rope_scaling=yarn"], 1, "model.rope_scaling: yarn is not implemented yet; use none, linear or llama3"),
+    (["model.rope_scaling=yarn", "model.rope_scaling_factor=0.5"], 1,
+     "model.rope_scaling_factor=0.5 must be >= 1 for model.rope_scaling=yarn"),
+    (["model.rope_scaling=llama3", "model.rope_low_freq_factor=4"], 1,
+     "model.rope_low_freq_factor=4.0 must be smaller than model.rope_high_freq_factor=4.0"),
+    (["model.rotary_percent=0.2"], 1, "model.rotary_percent=0.2 gives an odd or empty rotary dimension 3"),
     (["model.vocab_size=10"], 1, "model.vocab_size=10 is smaller than the dataset tokenizer's 1000"),
+    (["model.max_position_embeddings=512"], 1, "model.max_position_embeddings=512 is shorter than the packs of "
+                                               "data.path (1024 tokens): set model.max_position_embeddings=1024"),
 ])
 def test_rules_between_keys(dataset_prefix, overrides, world, message):
     cfg = load_config(None, [f"data.path={dataset_prefix}", *overrides])
@@ -74,3 +80,20 @@ def test_missing_data_path(tmp_path):
         validate(load_config(None, []), world_size=1)
     with pytest.raises(MegalignError, match=r"config key data.path: .*nope.json not found"):
         validate(load_config(None, [f"data.path={tmp_path}/nope"]), world_size=1)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["checkpoint.interval=-1"], "config key checkpoint.interval: must be >= 0, got -1"),
+    (["checkpoint.resume_from=/nope"], "config key checkpoint.resume_from: /nope is not a directory"),
+    (["checkpoint.init_from=/nope"], "config key checkpoint.init_from: /nope is not a directory"),
+])
+def test_checkpoint_keys(dataset_prefix, overrides, message):
+    with pytest.raises(MegalignError, match=message):
+        validate(load_config(None, [f"data.path={dataset_prefix}", *overrides]), world_size=1)
+
+
+def test_resume_from_and_init_from_exclude_each_other(dataset_prefix, tmp_path):
+    cfg = load_config(None, [f"data.path={dataset_prefix}", f"checkpoint.resume_from={tmp_path}",
+                             f"checkpoint.init_from={tmp_path}"])
+    with pytest.raises(MegalignError, match="exclude each other"):
+        validate(cfg, world_size=1)

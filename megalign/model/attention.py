@@ -8,21 +8,30 @@ THD, with cu_seqlens in PackedSeqParams; [s, b, heads, dim] otherwise) and retur
   sdpa   torch scaled_dot_product_attention, causal, one sequence at a time: the reference, runs anywhere
   torch  torch.nn.attention.varlen.varlen_attn (FlashAttention built into PyTorch >= 2.9), CUDA only
   flash  flash-attn's flash_attn_varlen_func, CUDA only
-  te     TransformerEngine's DotProductAttention (chosen through TE's own layer spec, see model/spec.py)
+  te     TransformerEngine's DotProductAttention (chosen through TE's own layer spec, see model/build.py)
+
+Under context parallelism (sdpa, torch, flash) each rank holds two chunks of every sample (parallel/context.py);
+its keys and values are all-gathered over the CP group and each chunk attends, causally, to its sample's keys
+up to the chunk's end. TE brings its own CP attention.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from functools import lru_cache
+
+import numpy as np
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megalign.errors import MegalignError
+from megalign.parallel import context
 
 BACKENDS = ("auto", "te", "flash", "torch", "sdpa")
 
@@ -33,8 +42,9 @@ class _PackedCoreAttention(MegatronModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise MegalignError("context parallelism needs the CP attention (issue: beyond 64k); set parallel.cp: 1")
+        self.cp = config.context_parallel_size
+        self.cp_group = pg_collection.cp if pg_collection is not None else (
+            parallel_state.get_context_parallel_group() if self.cp > 1 else None)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -53,42 +63,75 @@ class _PackedCoreAttention(MegatronModule):
         if packed_seq_params is None:  # [s, b, h, d]: every row is one causal sequence
             s, b = query.shape[:2]
             q, k, v = (x.permute(1, 0, 2, 3).reshape(b * s, *x.shape[2:]) for x in (query, key, value))
+            if self.cp > 1:
+                raise MegalignError("context parallelism needs packed (THD) batches")
             cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
-            out = self.attend(q, k, v, cu_seqlens, s, dropout)
+            out = self.attend(q, k, v, cu_seqlens, cu_seqlens, s, s, dropout)
             return out.reshape(b, s, -1).permute(1, 0, 2).contiguous()
         if packed_seq_params.qkv_format != "thd":
             raise NotImplementedError(f"qkv_format {packed_seq_params.qkv_format!r}; megalign packs as 'thd'")
         cu_seqlens = packed_seq_params.cu_seqlens_q_padded
         if cu_seqlens is None:
             cu_seqlens = packed_seq_params.cu_seqlens_q
-        out = self.attend(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q, dropout)
+        if self.cp > 1:
+            out = self._context_parallel(query, key, value, cu_seqlens, dropout)
+        else:
+            max_seqlen = packed_seq_params.max_seqlen_q
+            out = self.attend(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout)
         return out.reshape(out.shape[0], -1)
 
-    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout) -> torch.Tensor:
-        """q [t, hq, d], k/v [t, hkv, d] -> [t, hq, d], causal within each cu_seqlens segment."""
+    def _context_parallel(self, query, key, value, cu_seqlens_padded, dropout):
+        """All-gather K/V over the CP group; each local chunk attends to its sample's keys up to its own end."""
+        plan = _cp_plan(tuple(cu_seqlens_padded.tolist()), self.cp, dist.get_rank(self.cp_group))
+        keys, cu_q, cu_k, max_q, max_k = (x.to(query.device) if torch.is_tensor(x) else x for x in plan)
+        k = context.all_gather_rows(key, self.cp_group)[keys]
+        v = context.all_gather_rows(value, self.cp_group)[keys]
+        return self.attend(query, k, v, cu_q, cu_k, max_q, max_k, dropout)
+
+    def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout) -> torch.Tensor:
+        """q [tq, hq, d], k/v [tk, hkv, d] -> [tq, hq, d]: segment i of q (cu_q) attends to segment i of k/v
+        (cu_k), causally with the last query aligned to the last key (bottom-right)."""
         raise NotImplementedError
+
+
+@lru_cache(maxsize=16)
+def _cp_plan(cu_seqlens_padded: tuple, cp: int, rank: int):
+    """Index of this rank's keys in the gathered K/V, and the varlen segments (cached: same for every layer)."""
+    padded = np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64))
+    cu_q, cu_k, key_positions = context.attention_segments(padded, cp, rank)
+    keys = context.global_order(padded, cp)[key_positions]
+    return (torch.from_numpy(keys), torch.from_numpy(cu_q), torch.from_numpy(cu_k),
+            int(np.diff(cu_q).max()), int(np.diff(cu_k).max()))
 
 
 class SDPAAttention(_PackedCoreAttention):
     """The reference: causal SDPA per sequence (no cross-sequence work, no t x t mask)."""
 
-    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
-        bounds = cu_seqlens.tolist()
+    def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout):
         outputs = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end == start:
+        for (q0, q1), (k0, k1) in zip(_segments(cu_q), _segments(cu_k)):
+            if q1 == q0:
                 continue
-            qi, ki, vi = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, n, d]
-            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, is_causal=True,
-                                               scale=self.softmax_scale, enable_gqa=ki.shape[1] != qi.shape[1])
+            qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+            ki, vi = (x[k0:k1].transpose(0, 1).unsqueeze(0) for x in (k, v))
+            nq, nk = q1 - q0, k1 - k0
+            causal = {"is_causal": True} if nq == nk else {
+                "attn_mask": torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - nq)}
+            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=self.softmax_scale,
+                                               enable_gqa=ki.shape[1] != qi.shape[1], **causal)
             outputs.append(o.squeeze(0).transpose(0, 1))
         return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = cu.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class TorchVarlenAttention(_PackedCoreAttention):
     """FlashAttention varlen built into PyTorch (CUDA, bf16/fp16)."""
 
-    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
+    def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout):
         import inspect
 
         from torch.nn.attention.varlen import varlen_attn
@@ -103,19 +146,19 @@ class TorchVarlenAttention(_PackedCoreAttention):
                 causal["enable_gqa"] = True
             else:
                 k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-        cu = cu_seqlens.to(torch.int32)
-        return varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), scale=self.softmax_scale, **causal)
+        # FlashAttention aligns causality bottom-right when a segment has fewer queries than keys
+        return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+                           scale=self.softmax_scale, **causal)
 
 
 class FlashAttnVarlenAttention(_PackedCoreAttention):
     """flash-attn's varlen kernel (CUDA, bf16/fp16)."""
 
-    def attend(self, q, k, v, cu_seqlens, max_seqlen, dropout):
+    def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout):
         from flash_attn import flash_attn_varlen_func
 
-        cu = cu_seqlens.to(torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), dropout_p=dropout,
-                                      softmax_scale=self.softmax_scale, causal=True)
+        return flash_attn_varlen_func(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+                                      dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True)
 
 
 def _installed(module: str) -> bool:

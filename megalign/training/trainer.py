@@ -24,7 +24,7 @@ from megalign.model.attention import resolve_backend
 from megalign.model.build import build_model, padded_vocab_size
 from megalign.model.init import initialize_weights
 from megalign.parallel.setup import Layout, initialize, resolve_device
-from megalign.training.batch import Batch, thd_batch
+from megalign.training.batch import Batch, context_parallel_share, thd_batch
 from megalign.training.loss import weighted_loss
 from megalign.model.arithmetic import step_flops
 
@@ -79,7 +79,7 @@ class Trainer:
             lr_decay_steps=t.steps, lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=t.steps, wd_incr_style="constant",
             # a resumed run follows this config's schedule (e.g. more steps); the checkpoint gives the position
-            override_opt_param_scheduler=True,
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
         )
         config = self.transformer_config
         config.finalize_model_grads_func = finalize_model_grads
@@ -95,7 +95,10 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _micro_batch(self, ref: PackRef) -> Batch:
-        return thd_batch(self.datasets[ref.dataset][ref.pack], self.cfg.training.loss).to(self.device)
+        batch = thd_batch(self.datasets[ref.dataset][ref.pack], self.cfg.training.loss)
+        if self.layout.cp > 1:
+            batch = context_parallel_share(batch, self.layout.cp, self.layout.cp_rank)
+        return batch.to(self.device)
 
     def _forward_step(self, data_iterator, model):
         batch: Batch = next(data_iterator)

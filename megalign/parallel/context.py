@@ -1,0 +1,104 @@
+"""Context parallelism for packed rows: how a row is cut over the CP ranks and put back together.
+
+Every sample is padded to a multiple of 2*cp and cut into 2*cp equal chunks; rank r keeps chunks r and
+2*cp-1-r of every sample (an early and a late chunk: under causal attention each rank then does the same
+work). Rank r's tokens are its chunks in sample order:
+
+    sample s (padded length P_s, chunk c_s = P_s / 2cp):  [r*c_s, (r+1)*c_s) then [(2cp-1-r)*c_s, (2cp-r)*c_s)
+
+This is megatron's (and TransformerEngine's) THD layout: `cu_seqlens_padded` describes the padded row, and
+megatron's RoPE cuts its per-token angles the same way. Padding sits at the end of each sample, so under
+causal attention no real token ever sees it; padded positions carry no loss weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def padded_lengths(lengths: np.ndarray, cp: int) -> np.ndarray:
+    multiple = 2 * cp
+    return (np.asarray(lengths, dtype=np.int64) + multiple - 1) // multiple * multiple
+
+
+def padding_index(lengths: np.ndarray, cp: int) -> np.ndarray:
+    """For each position of the padded row, the position in the unpadded row it copies, or -1 for padding."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = padded_lengths(lengths, cp)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offset_in_sample = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded)
+    source = np.repeat(starts, padded) + offset_in_sample
+    return np.where(offset_in_sample < np.repeat(lengths, padded), source, -1)
+
+
+def rank_index(padded: np.ndarray, cp: int, rank: int) -> np.ndarray:
+    """The positions of the padded row that rank `rank` keeps, in its order (chunks r and 2cp-1-r per sample)."""
+    padded = np.asarray(padded, dtype=np.int64)
+    chunk = padded // (2 * cp)
+    starts = np.cumsum(padded) - padded
+    pieces = []
+    for start, c in zip(starts.tolist(), chunk.tolist()):
+        pieces.append(np.arange(start + rank * c, start + (rank + 1) * c))
+        pieces.append(np.arange(start + (2 * cp - 1 - rank) * c, start + (2 * cp - rank) * c))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def global_order(padded: np.ndarray, cp: int) -> np.ndarray:
+    """Index into the concatenation of all ranks' tokens (rank 0's, then rank 1's, ...) that gives the padded
+    row in its natural order: the inverse of the ranks' cuts."""
+    owned = np.concatenate([rank_index(padded, cp, r) for r in range(cp)])
+    order = np.empty_like(owned)
+    order[owned] = np.arange(len(owned))
+    return order
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate a tensor from every rank of `group` along dim 0; the gradient goes back to its owner summed
+    over ranks (each rank's attention used every rank's keys and values)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            mine = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone(), None
+
+
+def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllGather.apply(x, group)
+
+
+def attention_segments(padded: np.ndarray, cp: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What rank `rank`'s queries attend to, as varlen segments with bottom-right causal alignment.
+
+    Each of the rank's chunks is one segment: its c queries (consecutive in the rank's tokens) against the keys
+    of its sample from the sample's start to the chunk's end (positions in the padded row). Returns
+    (cu_q, cu_k, key_index): segment boundaries in the rank's queries and in the gathered keys, and the
+    positions of the padded row to gather as keys, segment after segment.
+    """
+    padded = np.asarray(padded, dtype=np.int64)
+    chunk = padded // (2 * cp)
+    starts = np.cumsum(padded) - padded
+    q_sizes, k_sizes, keys = [], [], []
+    for start, c in zip(starts.tolist(), chunk.tolist()):
+        for j in (rank, 2 * cp - 1 - rank):
+            q_sizes.append(c)
+            k_sizes.append((j + 1) * c)
+            keys.append(np.arange(start, start + (j + 1) * c))
+    cu_q = np.concatenate([[0], np.cumsum(q_sizes)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(k_sizes)]).astype(np.int32)
+    return cu_q, cu_k, (np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64))
