@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalign.config import Config, ModelConfig
 from megalign.model.attention import CORE_ATTENTION
+from megalign.model.rope import GPTModelWithPositions
 
 
 def padded_vocab_size(model: ModelConfig) -> int:
@@ -70,6 +71,8 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # GLM rotates (even, odd) pairs; megatron's unfused RoPE does it in both the THD and SBHD paths.
+        rotary_interleaved=m.rotary_interleaved,
         **recompute,
     )
 
@@ -88,9 +91,13 @@ def layer_spec(backend: str, normalization: str):
 
 
 def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32) -> GPTModel:
-    """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn."""
+    """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn.
+
+    RoPE: megatron's rotary module with HF's frequencies for every model.rope_scaling, read at the batch's
+    position_ids when given (see model/rope.py); megatron's own scaling options stay off.
+    """
     m = cfg.model
-    return GPTModel(
+    return GPTModelWithPositions(
         config=transformer_config(cfg, params_dtype),
         transformer_layer_spec=layer_spec(backend, m.normalization),
         vocab_size=padded_vocab_size(m),
@@ -100,8 +107,6 @@ def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.flo
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=m.rotary_percent,
-        rotary_base=int(m.rotary_base),
-        rope_scaling=m.rope_scaling == "llama3",
-        rope_scaling_factor=m.rope_scaling_factor,
-        seq_len_interpolation_factor=m.rope_scaling_factor if m.rope_scaling == "linear" else None,
+        rotary_base=m.rotary_base,
+        rope_model=m,
     )
