@@ -77,6 +77,43 @@ def packed_vs_separate(trainer) -> dict:
             "loss_max": float(packed_losses.abs().max()), "grad_max_abs_diff": grad_diff, "grad_max": grad_scale}
 
 
+class ShortSamples:
+    """Two packs with samples of awkward lengths for context parallelism: not multiples of 2*cp, and shorter than
+    2*cp (a CP rank then holds nothing but padding of that sample)."""
+
+    LENGTHS = ([1, 3, 6, 11, 301], [2, 5, 7, 9, 97])
+
+    def __init__(self, vocab: int, seed: int = 7):
+        import numpy as np
+
+        from megalign.data.packed_dataset import Pack
+
+        rng = np.random.default_rng(seed)
+        self.packs = []
+        for lengths in self.LENGTHS:
+            n = sum(lengths)
+            mask = (rng.random(n) < 0.7).astype(np.uint8)
+            self.packs.append(Pack(rng.integers(0, vocab, n), mask, np.array(lengths)))
+        self.sample_lengths = np.concatenate([np.array(x) for x in self.LENGTHS])
+        self.pack_boundaries = np.cumsum([0] + [len(x) for x in self.LENGTHS])
+
+    def __len__(self):
+        return len(self.packs)
+
+    def __getitem__(self, i):
+        return self.packs[i]
+
+
+def short_samples_step(trainer) -> dict:
+    from megalign.data.sampler import PackSampler
+
+    trainer.datasets = [ShortSamples(trainer.cfg.model.vocab_size)]
+    trainer.sampler = PackSampler([2], None, 2, trainer.layout.dp, 0)
+    trainer.cfg.training.loss = "sequence"
+    r = trainer.train_step()
+    return {"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences}
+
+
 def main():
     out_path, overrides = sys.argv[1], sys.argv[2:]
     import torch.distributed as dist
@@ -100,6 +137,7 @@ def main():
         trainer.cfg.training.loss = mode
         r = trainer.train_step()
         result["steps"].append({"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences})
+    result["short_samples"] = short_samples_step(trainer)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)

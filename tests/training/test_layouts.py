@@ -1,9 +1,10 @@
 """The invariants, each in a real multi-process launch (torchrun, gloo, CPU mode):
 a packed batch equals its samples run one by one; the loss and gradient norm of a global batch do not depend on
-TP, PP, DP, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
+TP, PP, CP, DP, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
 megatron means them to."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ LAYOUTS = {
     "tp=2": (2, ["parallel.tp=2"]),
     "pp=2": (2, ["parallel.pp=2"]),
     "dp=2": (2, []),
+    "cp=2": (2, ["parallel.cp=2"]),
+    "cp=2 tp=2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    "cp=2 dp=2": (4, ["parallel.cp=2"]),
     "recompute full": (1, ["model.recompute=full"]),
     "recompute selective": (1, ["model.recompute=selective"]),
 }
@@ -51,7 +55,8 @@ def test_parameter_count_matches_the_built_model(results):
     assert counts["built"] == counts["counted"]
 
 
-@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "recompute full", "recompute selective"])
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "recompute full",
+                                    "recompute selective"])
 def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     reference, other = results["1 process"]["steps"], results[layout]["steps"]
     assert len(reference) == len(other) == 3  # one step per loss mode: sequence, token, pack
@@ -70,3 +75,14 @@ def test_rng_streams_are_seeded_and_split_as_megatron_means(results):
     assert tp[0] != tp[1]  # TP ranks draw from different model-parallel streams
     dp = results["dp=2"]["rng"]["tp_streams"]
     assert dp[0] == dp[1]  # DP replicas (same TP rank) share it
+
+
+@pytest.mark.parametrize("layout", ["cp=2", "cp=2 tp=2", "cp=2 dp=2"])
+def test_context_parallel_with_samples_shorter_than_2cp(results, layout):
+    """Samples of 1, 2, 3 tokens (< 2*cp: one rank holds only padding of them) and lengths not divisible by 2*cp:
+    the same finite loss and gradient norm as one process."""
+    reference, got = results["1 process"]["short_samples"], results[layout]["short_samples"]
+    assert got["sequences"] == reference["sequences"] == 10
+    assert math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
