@@ -60,8 +60,10 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
+    # notices from megatron-core and torch about optional packages and their own deprecations: noise here
     for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    ".*is deprecated. Please use"):
+                    ".*is deprecated. Please use", "full scope is deprecated", "`load_state_dict` is deprecated",
+                    "Please use DTensor instead"):
         warnings.filterwarnings("ignore", message=message)
     from megalign.convert import export_hf, import_hf
     from megalign.errors import MegalignError

@@ -47,8 +47,10 @@ def read_hf_config(path: str | Path) -> dict:
     """config.json of a Hugging Face model directory (or the file itself)."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise MegalignError(f"{path}: no such file or directory (a Hugging Face model directory, or its config.json)")
     if not file.is_file():
-        raise MegalignError(f"{file}: no such file (a Hugging Face model directory holds config.json)")
+        raise MegalignError(f"{path}: no config.json there (a Hugging Face model directory holds one)")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:

@@ -16,12 +16,11 @@ import pytest
 from megalign.config import load_config
 from megalign.convert import hf_config as hfc
 from megalign.errors import MegalignError
+from tests.convert.hf_cases import CASES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
-sys.path.insert(0, str(HERE))
-from hf_cases import CASES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
