@@ -114,12 +114,16 @@ class SDPAAttention(_PackedCoreAttention):
                 continue
             qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
             ki, vi = (x[k0:k1].transpose(0, 1).unsqueeze(0) for x in (k, v))
-            nq, nk = q1 - q0, k1 - k0
-            causal = {"is_causal": True} if nq == nk else {
-                "attn_mask": torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - nq)}
+            # Fewer queries than keys (a CP chunk): bottom-right causality. SDPA's efficient kernels align
+            # is_causal top-left and materialise any explicit mask (O(queries x keys) memory on CPU), so the
+            # chunk's queries go last in a row of zero queries: exact, O(keys) memory, the discarded rows cost
+            # compute (on GPU the varlen backends do only the chunk's work).
+            lead = (k1 - k0) - (q1 - q0)
+            if lead:
+                qi = torch.cat([qi.new_zeros(1, qi.shape[1], lead, qi.shape[3]), qi], dim=2)
             o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=self.softmax_scale,
-                                               enable_gqa=ki.shape[1] != qi.shape[1], **causal)
-            outputs.append(o.squeeze(0).transpose(0, 1))
+                                               is_causal=True, enable_gqa=ki.shape[1] != qi.shape[1])
+            outputs.append(o[:, :, lead:].squeeze(0).transpose(0, 1))
         return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
 
 
