@@ -1,0 +1,90 @@
+"""How a packed row is cut over context-parallel ranks and put back together (parallel/context.py), the CP share
+of a THD batch (training/batch.py), and the CP attention's plan checked against causal attention of the row."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalign.data.packed_dataset import Pack
+from megalign.model.attention import SDPAAttention, _cp_plan
+from megalign.parallel import context
+from megalign.training.batch import context_parallel_share, thd_batch
+
+LENGTHS = [1, 3, 6, 11, 8]  # shorter than 2*cp, not multiples of 2*cp, a multiple
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_every_padded_position_belongs_to_one_rank_and_work_is_balanced(cp):
+    padded = context.padded_lengths(LENGTHS, cp)
+    assert all(p % (2 * cp) == 0 and p >= n for p, n in zip(padded, LENGTHS))
+    shares = [context.rank_index(padded, cp, r) for r in range(cp)]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(padded.sum()))
+    assert len({len(s) for s in shares}) == 1  # the same number of tokens on every rank
+    within = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded)
+    causal_work = [int((within[s] + 1).sum()) for s in shares]  # keys each query attends to
+    assert len(set(causal_work)) == 1
+    order = context.global_order(padded, cp)
+    assert np.array_equal(np.concatenate(shares)[order], np.arange(padded.sum()))
+
+
+def test_padding_index_points_at_the_unpadded_row():
+    source = context.padding_index([1, 3], 2)
+    assert source.tolist() == [0, -1, -1, -1, 1, 2, 3, -1]
+
+
+def test_segments_are_each_chunk_against_its_sample_prefix():
+    cu_q, cu_k, keys = context.attention_segments(np.array([4, 8]), 2, 1)  # chunks of 1 and 2
+    assert cu_q.tolist() == [0, 1, 2, 4, 6]
+    assert cu_k.tolist() == [0, 2, 5, 9, 15]
+    assert keys.tolist() == [0, 1, 0, 1, 2, 4, 5, 6, 7, 4, 5, 6, 7, 8, 9]
+
+
+def _pack(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    return Pack(rng.integers(0, 50, n), (rng.random(n) < 0.7).astype(np.uint8), np.array(lengths))
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token", "pack"])
+def test_the_cp_shares_reassemble_the_whole_batch(mode):
+    cp = 2
+    whole = thd_batch(_pack(LENGTHS), mode)
+    shares = [context_parallel_share(whole, cp, r) for r in range(cp)]
+    padded = context.padded_lengths(LENGTHS, cp)
+    source = context.padding_index(LENGTHS, cp)
+    order = context.global_order(padded, cp)
+    for field in ("tokens", "labels", "loss_weight"):
+        row = torch.cat([getattr(s, field) for s in shares])[order].numpy()
+        expected = np.where(source >= 0, getattr(whole, field).numpy()[np.maximum(source, 0)], 0)
+        assert np.array_equal(row, expected), field
+    assert sum(float(s.loss_weight.sum()) for s in shares) == pytest.approx(float(whole.loss_weight.sum()))
+    assert [int(s.count) for s in shares] == [int(whole.count), 0]  # counted once over the CP group
+    for s in shares:
+        assert torch.equal(s.cu_seqlens, whole.cu_seqlens)
+        assert s.cu_seqlens_padded.tolist() == [0, *np.cumsum(padded).tolist()]
+        positions = s.position_ids.numpy()  # the whole padded row: restart per sample, go on over the padding
+        assert np.array_equal(positions, np.concatenate([np.arange(p) for p in padded]))
+        assert s.max_seqlen == padded.max()
+
+
+def test_cp_attention_equals_causal_attention_of_the_row():
+    """Each rank's output rows, computed from its plan and the gathered K/V, equal causal attention per sample."""
+    cp, heads, dim = 2, 2, 8
+    padded = context.padded_lengths(LENGTHS, cp)
+    cu = np.concatenate([[0], np.cumsum(padded)])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(int(padded.sum()), heads, dim, generator=gen) for _ in range(3))
+    reference = torch.cat([
+        F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
+        for a, b in zip(cu[:-1], cu[1:])])
+    shares = [context.rank_index(padded, cp, r) for r in range(cp)]
+    gathered_k, gathered_v = torch.cat([k[s] for s in shares]), torch.cat([v[s] for s in shares])
+    attention = SimpleNamespace(softmax_scale=dim ** -0.5)
+    for rank in range(cp):
+        keys, cu_q, cu_k, max_q, max_k = _cp_plan(tuple(cu.tolist()), cp, rank)
+        out = SDPAAttention.attend(attention, q[shares[rank]], gathered_k[keys], gathered_v[keys], cu_q, cu_k,
+                                   max_q, max_k, 0.0)
+        assert torch.allclose(out, reference[shares[rank]], atol=1e-6)
