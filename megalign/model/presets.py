@@ -21,7 +21,8 @@ PRESETS: dict[str, dict] = {
                      add_qkv_bias=True, max_position_embeddings=32768),
     "chatglm3-6b": dict(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32,
                         num_query_groups=2, vocab_size=65024, norm_epsilon=1e-5, rotary_base=10000.0,
-                        rotary_percent=0.5, add_qkv_bias=True, max_position_embeddings=8192),
+                        rotary_percent=0.5, rotary_interleaved=True, add_qkv_bias=True,
+                        max_position_embeddings=8192),
 }
 
 
