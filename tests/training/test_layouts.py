@@ -21,6 +21,7 @@ LAYOUTS = {
     "cp=2": (2, ["parallel.cp=2"]),
     "cp=2 tp=2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     "cp=2 dp=2": (4, ["parallel.cp=2"]),
+    "cp=2 pp=2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "recompute full": (1, ["model.recompute=full"]),
     "recompute selective": (1, ["model.recompute=selective"]),
 }
@@ -55,8 +56,8 @@ def test_parameter_count_matches_the_built_model(results):
     assert counts["built"] == counts["counted"]
 
 
-@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "recompute full",
-                                    "recompute selective"])
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2",
+                                    "recompute full", "recompute selective"])
 def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     reference, other = results["1 process"]["steps"], results[layout]["steps"]
     assert len(reference) == len(other) == 3  # one step per loss mode: sequence, token, pack
@@ -77,7 +78,7 @@ def test_rng_streams_are_seeded_and_split_as_megatron_means(results):
     assert dp[0] == dp[1]  # DP replicas (same TP rank) share it
 
 
-@pytest.mark.parametrize("layout", ["cp=2", "cp=2 tp=2", "cp=2 dp=2"])
+@pytest.mark.parametrize("layout", ["cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2"])
 def test_context_parallel_with_samples_shorter_than_2cp(results, layout):
     """Samples of 1, 2, 3 tokens (< 2*cp: one rank holds only padding of them) and lengths not divisible by 2*cp:
     the same finite loss and gradient norm as one process."""
