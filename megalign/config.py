@@ -22,6 +22,7 @@ LOSS_MODES = ("sequence", "token", "pack")
 DEVICES = ("auto", "cpu", "cuda")
 RECOMPUTE = ("none", "selective", "full")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn", "llama3")
+POSITIONS = ("contiguous", "skipalign")  # data.positions (megalign/data/positions.py)
 
 
 @dataclass
@@ -66,6 +67,17 @@ class DataConfig:
     path: Any = None  # a PREFIX, or a list of PREFIXes (required)
     weights: Optional[list[float]] = None  # one per path: sampling weights for mixing
     verify: str = "sizes"  # sizes | full (sha256 of every file at start)
+    # position ids of each sample (megalign/data/positions.py):
+    #   contiguous  0, 1, ... restarting at every sample
+    #   skipalign   SkipAlign's synthesized positions: +1 inside a segment (a run of equal loss mask), a random
+    #               skip where the loss mask switches, so short samples span distances up to skipalign_window
+    positions: str = "contiguous"
+    # skipalign: the target window W. Each sample's last position is drawn uniformly in [length-1, W-1] (samples
+    # of W tokens or more stay contiguous); None: model.max_position_embeddings. At most that.
+    skipalign_window: Optional[int] = None
+    # skipalign: the probability that a sample gets skips (drawn per sample and epoch); the others keep
+    # contiguous positions. 0: exactly contiguous
+    skipalign_fraction: float = 1.0
 
 
 @dataclass
@@ -210,8 +222,9 @@ def _validate_rope(m: ModelConfig) -> None:
                             "unset (0.1 * ln(factor) + 1)")
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Every rule between keys, checked before any process group starts (one line per problem, first wins)."""
+def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
+    """Every rule between keys, checked before any process group starts (one line per problem, first wins).
+    with_data=False: the model and parallel keys only (e.g. a checkpoint converter, which has no data)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     _check_choice("training.loss", t.loss, LOSS_MODES)
     _check_choice("run.device", cfg.run.device, DEVICES)
@@ -221,6 +234,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _check_choice("model.normalization", m.normalization, ("RMSNorm", "LayerNorm"))
     _check_choice("run.wandb", cfg.run.wandb, ("off", "offline", "online"))
     _check_choice("data.verify", cfg.data.verify, ("sizes", "full"))
+    _validate_positions(cfg.data, m)
     if cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
         raise MegalignError(f"config key run.wandb={cfg.run.wandb} needs the wandb package "
                             "(pip install 'megalign[wandb]'), or set run.wandb=off")
@@ -260,8 +274,21 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.global_batch % dp:
         raise MegalignError(f"config key training.global_batch={t.global_batch} must be a multiple of the data-parallel "
                             f"size {dp}; try training.global_batch={max(dp, t.global_batch // dp * dp)}")
-    _validate_data(cfg)
-    _validate_checkpoint(cfg.checkpoint)
+    if with_data:
+        _validate_data(cfg)
+        _validate_checkpoint(cfg.checkpoint)
+
+
+def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
+    _check_choice("data.positions", d.positions, POSITIONS)
+    w = d.skipalign_window
+    if w is not None and not 0 < w <= m.max_position_embeddings:
+        raise MegalignError(f"config key data.skipalign_window={w} must be in [1, model.max_position_embeddings="
+                            f"{m.max_position_embeddings}] (or unset: model.max_position_embeddings); for a longer "
+                            "window raise model.max_position_embeddings (with model.rotary_base or model.rope_scaling)")
+    if not 0 <= d.skipalign_fraction <= 1:
+        raise MegalignError(f"config key data.skipalign_fraction={d.skipalign_fraction} must be in [0, 1] "
+                            "(the share of samples that get skips)")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

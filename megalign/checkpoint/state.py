@@ -229,6 +229,7 @@ def save_training(trainer, store: CheckpointStore, keep: int | None) -> Path:
         "model": model_identity(trainer.cfg.model, trainer.padded_vocab),
         "data": data_identity(trainer.datasets), "layout": layout_identity(trainer.layout),
         "sampler": trainer.sampler.state_dict(), "seed": trainer.cfg.training.seed,
+        "source": trainer.source,  # where the weights first came from (an HF import: its architecture, ids)
     }
     return _save(training_state(trainer, is_loading=False), store, trainer.step, manifest, keep)
 

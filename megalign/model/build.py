@@ -23,7 +23,7 @@ def padded_vocab_size(model: ModelConfig) -> int:
     return -(-model.vocab_size // k) * k
 
 
-def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerConfig:
+def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     recompute = {}
     if m.recompute == "full":
@@ -54,8 +54,10 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype) -> TransformerCon
         bf16=params_dtype == torch.bfloat16,
         # megatron's own init runs (it is what marks parameters tensor-parallel), then megalign.model.init
         # redraws every weight so that the full model is the same at every layout.
+        # Without random_init (a converter overwriting every weight at TP=1) that pass is skipped: it is slow
+        # (~10 s per 1B parameters on 2 cores) and, at TP>1, the only thing that marks TP shards.
         use_cpu_initialization=False,
-        perform_initialization=True,
+        perform_initialization=random_init,
         # Packed micro-batches differ in length: p2p sends shapes first (megatron needs the alltoall
         # dispatcher setting for that, even without MoE).
         variable_seq_lengths=True,
@@ -90,7 +92,8 @@ def layer_spec(backend: str, normalization: str):
     return spec
 
 
-def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32) -> GPTModel:
+def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32,
+                random_init: bool = True) -> GPTModel:
     """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn.
 
     RoPE: megatron's rotary module with HF's frequencies for every model.rope_scaling, read at the batch's
@@ -98,7 +101,7 @@ def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.flo
     """
     m = cfg.model
     return GPTModelWithPositions(
-        config=transformer_config(cfg, params_dtype),
+        config=transformer_config(cfg, params_dtype, random_init),
         transformer_layer_spec=layer_spec(backend, m.normalization),
         vocab_size=padded_vocab_size(m),
         max_sequence_length=m.max_position_embeddings,
