@@ -91,6 +91,7 @@ class Trainer:
         self.step = 0
         self.checkpoints = CheckpointStore(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
+        self.source: dict = {}  # the origin of the weights (tools/convert_checkpoint.py), kept in every save
         self.started_from = self._restore()
 
     # -- one optimizer step ----------------------------------------------------------------------------
@@ -172,11 +173,12 @@ class Trainer:
         c = self.cfg.checkpoint
         resume = resolve(c.resume_from) if c.resume_from else (self.checkpoints.latest() if c.resume else None)
         if resume is not None:
-            load_training(self, resume)
+            self.source = load_training(self, resume).get("source", {})
             self.saved_step = self.step
             return f"resumed from {resume} at step {self.step}"
         if c.init_from:
             manifest = load_weights(self.model.module, c.init_from, self.cfg.model, self.padded_vocab)
+            self.source = manifest.get("source", {})
             self.optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
             return f"weights from {c.init_from} ({manifest['kind']} checkpoint, step {manifest['step']})"
         return None
