@@ -18,6 +18,7 @@ import numpy as np
 class PackRef:
     dataset: int
     pack: int
+    epoch: int = 0  # the epoch of `dataset` this use of the pack belongs to (per-epoch draws, e.g. SkipAlign)
 
 
 class PackSampler:
@@ -63,7 +64,7 @@ class PackSampler:
         refs = []
         for d, j in zip(datasets.tolist(), within.tolist()):
             epoch, offset = divmod(j, self.num_packs[d])
-            refs.append(PackRef(d, int(self._order(d, epoch)[offset])))
+            refs.append(PackRef(d, int(self._order(d, epoch)[offset]), int(epoch)))
         return refs
 
     # -- steps ------------------------------------------------------------------------------------------

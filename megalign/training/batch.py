@@ -3,7 +3,7 @@
   tokens[t]        the pack's token ids
   labels[t]        the next token inside the same sample (a sample's last token has no target)
   loss_weight[t]   the LongAlign weight of token t's target (0 where it is not a target; see loss.py)
-  position_ids[t]  0, 1, ... restarting at every sample
+  position_ids[t]  0, 1, ... restarting at every sample, or the positions given (SkipAlign: data/positions.py)
   cu_seqlens[n+1]  sample boundaries; max_seqlen is the longest SINGLE sample (megatron's THD RoPE switches to
                    global positions when it equals the packed length)
 
@@ -50,7 +50,9 @@ class Batch:
                      move(self.cu_seqlens_padded))
 
 
-def thd_batch(pack: Pack, loss_mode: str) -> Batch:
+def thd_batch(pack: Pack, loss_mode: str, positions: np.ndarray | None = None) -> Batch:
+    """`positions`: the pack's position ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per
+    sample."""
     lengths = np.asarray(pack.lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tokens = pack.tokens.astype(np.int64)
@@ -60,7 +62,12 @@ def thd_batch(pack: Pack, loss_mode: str) -> Batch:
     targets = np.roll(pack.loss_mask.astype(np.float64), -1)
     targets[last] = 0.0
     weights, count = token_weights(targets, lengths, loss_mode)
-    positions = np.arange(len(tokens)) - np.repeat(starts, lengths)
+    if positions is None:
+        positions = np.arange(len(tokens)) - np.repeat(starts, lengths)
+    elif np.shape(positions) != tokens.shape:
+        raise ValueError(f"{np.shape(positions)} positions for a pack of {len(tokens)} tokens")
+    else:
+        positions = np.asarray(positions, dtype=np.int64)
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Batch(
         tokens=torch.from_numpy(tokens),

@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megalign.checkpoint import CheckpointStore, load_training, load_weights, resolve, save_training
 from megalign.config import Config
 from megalign.data.packed_dataset import PackedDataset
+from megalign.data.positions import pack_positions
 from megalign.data.sampler import PackRef, PackSampler
 from megalign.model.attention import resolve_backend
 from megalign.model.build import build_model, padded_vocab_size
@@ -96,7 +97,11 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def _micro_batch(self, ref: PackRef) -> Batch:
-        batch = thd_batch(self.datasets[ref.dataset][ref.pack], self.cfg.training.loss)
+        pack, d = self.datasets[ref.dataset][ref.pack], self.cfg.data
+        # SkipAlign positions of the whole row, before the CP split (which keeps the whole padded row's positions)
+        positions = pack_positions(pack, d.positions, d.skipalign_window or self.cfg.model.max_position_embeddings,
+                                   d.skipalign_fraction, self.cfg.training.seed, ref.dataset, ref.pack, ref.epoch)
+        batch = thd_batch(pack, self.cfg.training.loss, positions)
         if self.layout.cp > 1:
             batch = context_parallel_share(batch, self.layout.cp, self.layout.cp_rank)
         return batch.to(self.device)

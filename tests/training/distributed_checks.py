@@ -3,7 +3,8 @@
   torchrun --nproc_per_node N tests/training/distributed_checks.py OUT.json key=value ...
 
 Every step uses the next loss mode (sequence, token, pack), so one launch checks all three. Rank 0 writes
-{"steps": [{"loss", "grad_norm"}...], "rng": {...}, "packed_vs_separate": {...}} (the last only at world 1).
+{"steps": [{"loss", "grad_norm"}...], "rng": {...}, "skipalign": {...}, "packed_vs_separate": {...}} (the last
+only at world 1).
 """
 
 import json
@@ -77,6 +78,53 @@ def packed_vs_separate(trainer) -> dict:
             "loss_max": float(packed_losses.abs().max()), "grad_max_abs_diff": grad_diff, "grad_max": grad_scale}
 
 
+def loss_and_grad_norm(trainer, refs) -> dict:
+    """What train_step reports for the packs `refs`, without the update (the weights and optimizer stay as they
+    are): the same forward-backward, then the gradient norm the optimizer step would compute."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches = [trainer._micro_batch(r) for r in trainer.sampler.rank_share(refs, trainer.layout.dp_rank)]
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=trainer._forward_step, data_iterator=iter(micro_batches), model=[trainer.model],
+        num_microbatches=len(micro_batches), seq_length=max(len(b.tokens) for b in micro_batches),
+        micro_batch_size=1, forward_only=False)
+    trainer.optimizer.prepare_grads()
+    grad_norm = float(trainer.optimizer.get_grad_norm())
+    loss = trainer._global_loss(reports)
+    trainer.model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    return {"loss": loss, "grad_norm": grad_norm}
+
+
+def skipalign_check(trainer, sharpen: float = 16.0) -> dict:
+    """The first step's packs at the initial weights, without updates: contiguous positions (as the first step
+    will see them), then with the query/key/value weights scaled by `sharpen` (a power of 2: undone exactly) so
+    that attention, nearly uniform at initialization, depends on positions: contiguous again, SkipAlign with zero
+    skips (skipalign_fraction=0) and SkipAlign over a 4096 window."""
+    import torch
+
+    d = trainer.cfg.data
+    trainer.cfg.training.loss = "sequence"
+    refs = trainer.sampler.packs_at(trainer.sampler.consumed, trainer.sampler.global_batch)
+    result = {"first_step": loss_and_grad_norm(trainer, refs)}
+    qkv = [p for n, p in trainer.model.module.named_parameters() if n.endswith("linear_qkv.weight")]
+    with torch.no_grad():
+        for p in qkv:
+            p.mul_(sharpen)
+    result["contiguous"] = loss_and_grad_norm(trainer, refs)
+    d.positions, d.skipalign_window, d.skipalign_fraction = "skipalign", 4096, 0.0
+    result["zero_skips"] = loss_and_grad_norm(trainer, refs)
+    d.skipalign_fraction = 1.0
+    result["skipalign"] = loss_and_grad_norm(trainer, refs)
+    d.positions = "contiguous"
+    with torch.no_grad():
+        for p in qkv:
+            p.div_(sharpen)
+    return result
+
+
 class ShortSamples:
     """Two packs with samples of awkward lengths for context parallelism: not multiples of 2*cp, and shorter than
     2*cp (a CP rank then holds nothing but padding of that sample)."""
@@ -132,6 +180,7 @@ def main():
         result["packed_vs_separate"] = packed_vs_separate(trainer)
         result["parameters"] = {"built": sum(p.numel() for p in trainer.model.module.parameters()),
                                 "counted": parameter_count(cfg.model, trainer.padded_vocab)}
+    result["skipalign"] = skipalign_check(trainer)
     result["steps"] = []
     for mode in ("sequence", "token", "pack"):
         trainer.cfg.training.loss = mode

@@ -1,7 +1,8 @@
 """The invariants, each in a real multi-process launch (torchrun, gloo, CPU mode):
 a packed batch equals its samples run one by one; the loss and gradient norm of a global batch do not depend on
 TP, PP, CP, DP, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
-megatron means them to."""
+megatron means them to; SkipAlign positions with zero skips are contiguous ones, and SkipAlign's loss does not
+depend on the layout either."""
 
 import json
 import math
@@ -84,6 +85,29 @@ def test_context_parallel_with_samples_shorter_than_2cp(results, layout):
     the same finite loss and gradient norm as one process."""
     reference, got = results["1 process"]["short_samples"], results[layout]["short_samples"]
     assert got["sequences"] == reference["sequences"] == 10
+    assert math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+
+
+def test_skipalign_with_zero_skips_is_contiguous(results):
+    """On the first step's packs at the initial weights (query/key/value sharpened so that attention depends on
+    positions; see distributed_checks.skipalign_check): skipalign_fraction=0 gives exactly the contiguous loss and
+    gradient norm, and SkipAlign's differ. The same evaluation at the initial weights is exactly the first step."""
+    for name, r in results.items():
+        check, first_step = r["skipalign"], r["steps"][0]
+        assert check["first_step"]["loss"] == first_step["loss"], name
+        assert check["first_step"]["grad_norm"] == first_step["grad_norm"], name
+        assert check["zero_skips"] == check["contiguous"], name
+        assert check["skipalign"]["loss"] != pytest.approx(check["contiguous"]["loss"], rel=1e-4), name
+        assert check["skipalign"]["grad_norm"] != pytest.approx(check["contiguous"]["grad_norm"], rel=1e-2), name
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "1 process"])
+def test_skipalign_does_not_depend_on_layout(results, layout):
+    """SkipAlign positions (drawn per pack, seed and epoch; split per sample by CP) give the one-process loss and
+    gradient norm."""
+    reference, got = results["1 process"]["skipalign"]["skipalign"], results[layout]["skipalign"]["skipalign"]
     assert math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])
     assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
