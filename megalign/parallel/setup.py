@@ -53,11 +53,12 @@ def initialize(cfg: Config, device: str) -> Layout:
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl", timeout=timedelta(minutes=30))
+        backend = "gloo" if device == "cpu" else "nccl"
+        if "RANK" in os.environ:  # torchrun / srun: the launcher's rendezvous
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        else:  # one process without a launcher; the environment is left alone (child processes inherit it)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timedelta(minutes=30))
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp
