@@ -97,3 +97,11 @@ def test_resume_from_and_init_from_exclude_each_other(dataset_prefix, tmp_path):
                              f"checkpoint.init_from={tmp_path}"])
     with pytest.raises(MegalignError, match="exclude each other"):
         validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("example,world", [("tiny.yaml", 1), ("llama3-8b-128k-cp.yaml", 16), ("skipalign.yaml", 8)])
+def test_example_configs_load_and_validate(dataset_prefix, example, world):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / example
+    validate(load_config(str(path), [f"data.path={dataset_prefix}"]), world_size=world)
