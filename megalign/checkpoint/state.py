@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megalign.checkpoint.store import CheckpointStore, read_manifest
+from megalign.config import to_dict
 from megalign.errors import MegalignError
 
 log = logging.getLogger("megalign")
@@ -230,6 +231,7 @@ def save_training(trainer, store: CheckpointStore, keep: int | None) -> Path:
         "data": data_identity(trainer.datasets), "layout": layout_identity(trainer.layout),
         "sampler": trainer.sampler.state_dict(), "seed": trainer.cfg.training.seed,
         "source": trainer.source,  # where the weights first came from (an HF import: its architecture, ids)
+        "config": to_dict(trainer.cfg),  # the run's whole config, for the record (resume uses the new one)
     }
     return _save(training_state(trainer, is_loading=False), store, trainer.step, manifest, keep)
 
