@@ -85,7 +85,7 @@ def worker(args) -> None:
 
     cfg = load_config(os.path.join(ROOT, "examples", "tiny.yaml"), [
         f"data.path={args.data}", "run.device=cpu", "model.attention_backend=sdpa", f"parallel.cp={args.cp}",
-        f"model.max_position_embeddings={args.length}", "training.global_batch=1", "checkpoint.save_at_end=false",
+        f"model.max_position_embeddings={args.max_positions}", "training.global_batch=1", "checkpoint.save_at_end=false",
         f"run.output_dir={args.workdir}/run_cp{args.cp}", "checkpoint.resume=false"])
     validate(cfg, world_size_from_env())
     trainer = Trainer(cfg)
@@ -107,11 +107,11 @@ def worker(args) -> None:
     shutdown()
 
 
-def launch(cp: int, length: int, steps: int, data: str, workdir: str) -> list[list[dict]]:
+def launch(cp: int, length: int, steps: int, data: str, workdir: str, max_positions: int) -> list[list[dict]]:
     out = os.path.join(workdir, f"cp{cp}_{length}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cp}", __file__,
            "--worker", "--cp", str(cp), "--length", str(length), "--steps", str(steps), "--data", data,
-           "--workdir", workdir, "--out", out]
+           "--workdir", workdir, "--out", out, "--max-positions", str(max_positions)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"cp={cp} length={length} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--max-positions", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -153,7 +154,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for length in lengths:
             for cp in (1, 2):
-                ranks = launch(cp, length, args.steps, data, workdir)
+                ranks = launch(cp, length, args.steps, data, workdir, max(lengths))
                 step_mib = [statistics.median((r["peak"] - r["baseline"]) / 2**20 for r in rank) for rank in ranks]
                 seconds = statistics.median(max(rank[i]["seconds"] for rank in ranks) for i in range(args.steps))
                 print(f"| {length:,} | {cp} | {' / '.join(f'{m:,.0f}' for m in step_mib)} MiB | "
