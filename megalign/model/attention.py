@@ -114,17 +114,65 @@ class SDPAAttention(_PackedCoreAttention):
                 continue
             qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
             ki, vi = (x[k0:k1].transpose(0, 1).unsqueeze(0) for x in (k, v))
-            # Fewer queries than keys (a CP chunk): bottom-right causality. SDPA's efficient kernels align
-            # is_causal top-left and materialise any explicit mask (O(queries x keys) memory on CPU), so the
-            # chunk's queries go last in a row of zero queries: exact, O(keys) memory, the discarded rows cost
-            # compute (on GPU the varlen backends do only the chunk's work).
-            lead = (k1 - k0) - (q1 - q0)
-            if lead:
-                qi = torch.cat([qi.new_zeros(1, qi.shape[1], lead, qi.shape[3]), qi], dim=2)
-            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=self.softmax_scale,
-                                               is_causal=True, enable_gqa=ki.shape[1] != qi.shape[1])
-            outputs.append(o[:, :, lead:].squeeze(0).transpose(0, 1))
+            lead = (k1 - k0) - (q1 - q0)  # > 0: a CP chunk, causal bottom-right
+            if lead and not dropout and q.device.type == "cpu" and _HAVE_CPU_FLASH_LSE:
+                o = _chunk_attention(qi, ki, vi, self.softmax_scale)
+            else:
+                o = _causal_bottom_right(qi, ki, vi, lead, dropout, self.softmax_scale)
+            outputs.append(o.squeeze(0).transpose(0, 1))
         return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+
+
+def _causal_bottom_right(q, k, v, lead: int, dropout: float, scale: float) -> torch.Tensor:
+    """SDPA, causal with the last query aligned to the last key. SDPA aligns is_causal top-left and
+    materialises any explicit mask (O(queries x keys) memory on CPU), so with fewer queries than keys they go
+    last in a row of zero queries: exact, O(keys) memory; the discarded rows cost compute."""
+    if lead:
+        q = torch.cat([q.new_zeros(1, q.shape[1], lead, q.shape[3]), q], dim=2)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return o[:, :, lead:]
+
+
+_HAVE_CPU_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """A CP chunk's attention on CPU without wasted work: its queries against the keys before the chunk (no
+    mask) and against the chunk's own keys (causal), merged by their log-sum-exps, as ring attention does.
+    The backward of each part, given the merged output and log-sum-exp, is that part's exact share of the
+    gradient. Uses PyTorch's CPU flash-attention kernels (the ones SDPA runs), which return the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k_before, v_before, k_own, v_own, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_own, lse_own = flash(q, k_own, v_own, 0.0, True, scale=scale)
+        out_before, lse_before = flash(q, k_before, v_before, 0.0, False, scale=scale)
+        lse = torch.logaddexp(lse_before, lse_own)
+        out = (torch.exp(lse_before - lse).unsqueeze(-1) * out_before
+               + torch.exp(lse_own - lse).unsqueeze(-1) * out_own).to(q.dtype)
+        ctx.save_for_backward(q, k_before, v_before, k_own, v_own, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k_before, v_before, k_own, v_own, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad_out = grad_out.contiguous()
+        dq_own, dk_own, dv_own = backward(grad_out, q, k_own, v_own, out, lse, 0.0, True, scale=ctx.scale)
+        dq_before, dk_before, dv_before = backward(grad_out, q, k_before, v_before, out, lse, 0.0, False,
+                                                   scale=ctx.scale)
+        return dq_own + dq_before, dk_before, dv_before, dk_own, dv_own, None
+
+
+def _chunk_attention(q, k, v, scale: float) -> torch.Tensor:
+    """q [1, h, c, d] (a chunk), k/v [1, g, a + c, d] (its sample's keys up to the chunk's end)."""
+    if k.shape[1] != q.shape[1]:  # GQA: the kernels want one K/V head per query head
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    c = q.shape[2]
+    k, v = k.contiguous(), v.contiguous()
+    return _ChunkAttention.apply(q.contiguous(), k[:, :, :-c], v[:, :, :-c], k[:, :, -c:], v[:, :, -c:], scale)
 
 
 def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:

@@ -70,21 +70,38 @@ def test_the_cp_shares_reassemble_the_whole_batch(mode):
         assert s.max_seqlen == padded.max()
 
 
-def test_cp_attention_equals_causal_attention_of_the_row():
-    """Each rank's output rows, computed from its plan and the gathered K/V, equal causal attention per sample."""
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_cp_attention_equals_causal_attention_of_the_row(kv_heads):
+    """Each rank's output rows, computed from its plan and the gathered K/V, equal causal attention per sample;
+    so do the gradients (the CPU chunk kernels merge two attentions by their log-sum-exps)."""
     cp, heads, dim = 2, 2, 8
     padded = context.padded_lengths(LENGTHS, cp)
     cu = np.concatenate([[0], np.cumsum(padded)])
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(int(padded.sum()), heads, dim, generator=gen) for _ in range(3))
+    q = torch.randn(int(padded.sum()), heads, dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(int(padded.sum()), kv_heads, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    weights = torch.randn(int(padded.sum()), heads, dim, generator=gen, dtype=torch.float64)
+
+    def grads(outputs_and_rows):
+        loss = sum((out * weights[rows]).sum() for out, rows in outputs_and_rows)
+        return torch.autograd.grad(loss, (q, k, v))
+
+    for x in (q, k, v):
+        x.requires_grad_(True)
     reference = torch.cat([
-        F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
+        F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True,
+                                       enable_gqa=kv_heads != heads).transpose(0, 1)
         for a, b in zip(cu[:-1], cu[1:])])
+    reference_grads = grads([(reference, slice(None))])
     shares = [context.rank_index(padded, cp, r) for r in range(cp)]
     gathered_k, gathered_v = torch.cat([k[s] for s in shares]), torch.cat([v[s] for s in shares])
     attention = SimpleNamespace(softmax_scale=dim ** -0.5)
+    outputs = []
     for rank in range(cp):
         keys, cu_q, cu_k, max_q, max_k = _cp_plan(tuple(cu.tolist()), cp, rank)
         out = SDPAAttention.attend(attention, q[shares[rank]], gathered_k[keys], gathered_v[keys], cu_q, cu_k,
                                    max_q, max_k, 0.0)
-        assert torch.allclose(out, reference[shares[rank]], atol=1e-6)
+        assert torch.allclose(out, reference[shares[rank]], atol=1e-10)
+        outputs.append((out, shares[rank]))
+    for got, expected in zip(grads(outputs), reference_grads):
+        assert torch.allclose(got, expected, atol=1e-10)
