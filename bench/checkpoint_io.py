@@ -16,6 +16,8 @@ import tempfile
 import time
 import warnings
 
+from code_state import code_state  # bench/, the script's folder, is on sys.path
+
 warnings.filterwarnings("ignore")
 
 # name -> overrides of examples/tiny.yaml
@@ -79,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         prefix = make_dataset(workdir)
+        print(code_state())
         print(f"| model | parameters | checkpoint size | bytes/param | save (median of {args.repeats}) | load |")
         print("|---|---|---|---|---|---|")
         for name in args.sizes.split(","):

@@ -22,6 +22,8 @@ import threading
 import time
 import warnings
 
+from code_state import code_state  # bench/, the script's folder, is on sys.path
+
 warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,6 +152,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
         data = make_dataset(workdir, max(lengths))
+        print(code_state())
         print("| pack (one sample) | CP | peak step memory per rank | tokens/s | step time | loss |")
         print("|---|---|---|---|---|---|")
         for length in lengths:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megalign.data import packing  # noqa: E402
-
-
-def code_state() -> str:
-    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
-    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
+from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 
 STRATEGIES = [("bfd", 8), ("ffs", 8), ("next-fit", 8), ("sorted", 8), ("sorted", 32)]  # (strategy, group size)

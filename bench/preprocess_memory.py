@@ -31,20 +31,12 @@ import time
 from pathlib import Path
 
 import psutil
+from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
-
-
-def code_state() -> str:
-    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
-    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
 
 
 def build_corpus(directory: Path, n_long: int, n_short: int, args) -> list[str]:

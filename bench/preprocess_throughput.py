@@ -40,28 +40,19 @@ import multiprocessing
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before anything imports tokenizers; spawned children inherit it
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def code_state() -> str:
-    """The commit measured, flagged when megalign/ has uncommitted changes (the numbers then belong to neither)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-    dirty = " + uncommitted changes in megalign/" if git("status", "--porcelain", "--", "megalign") else ""
-    return f"megalign at {git('rev-parse', '--short', 'HEAD') or 'unknown commit'}{dirty}"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
