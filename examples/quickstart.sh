@@ -17,6 +17,7 @@ mkdir -p "$out"
   --output-prefix "$out/packed" --overwrite
 "$py" tools/inspect_dataset.py "$out/packed" --plot "$out/packed.png"
 
+rm -rf "$out/train"  # a fresh run each time (a run pointed at its own checkpoints would resume instead)
 "$venv/bin/torchrun" --standalone --nproc_per_node 2 -m megalign.train --config examples/tiny.yaml \
   data.path="$out/packed" run.output_dir="$out/train" parallel.tp=2 run.progress=false
 
