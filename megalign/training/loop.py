@@ -25,7 +25,7 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
 def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
     cfg, layout = trainer.cfg, trainer.layout
     speaker = layout.rank == 0
-    metrics = MetricsLogger(cfg, enabled=speaker)
+    metrics = MetricsLogger(cfg, enabled=speaker, resumed_at=trainer.saved_step)
     out = Path(cfg.run.output_dir)
     log.info(f"megalign: {layout.world_size} processes (tp {layout.tp}, pp {layout.pp}, cp {layout.cp}, "
              f"dp {layout.dp}) on {trainer.device}, attention {trainer.attention_backend}, loss {cfg.training.loss}, "

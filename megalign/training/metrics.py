@@ -12,18 +12,24 @@ from megalign.config import Config
 class MetricsLogger:
     """Writes on the logging rank only; other ranks get a logger that does nothing."""
 
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, resumed_at: int | None = None):
+        """resumed_at: the step a resumed run continues after. Records of later steps (logged by the run before
+        it was killed, after its last checkpoint) are dropped, so each step appears once."""
         self.enabled = enabled
         self.dir = Path(cfg.run.output_dir)
         self._tb = self._wandb = None
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.dir / "metrics.jsonl"
+        if resumed_at is not None and path.exists():
+            _keep_steps_up_to(path, resumed_at)
+        self._jsonl = open(path, "a", encoding="utf-8")
         if cfg.run.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), **purge)
         if cfg.run.wandb != "off":
             mode = cfg.run.wandb
             if mode == "online" and not os.environ.get("WANDB_API_KEY"):
@@ -56,3 +62,12 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)

@@ -45,8 +45,10 @@ def train(nproc: int, dataset: str, out: Path, *overrides: str, expect_ok: bool 
 
 
 def metrics(out: Path) -> dict[int, dict]:
-    """The logged records by step (a step logged twice, before a crash and after the resume: the last)."""
+    """The logged records by step; each step is logged once (a resumed run drops records after its checkpoint)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), steps
     return {r["step"]: r for r in records}
 
 
