@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 
-from code_state import code_state  # bench/, the script's folder, is on sys.path
+from common import code_state, example_dataset  # bench/, the script's folder, is on sys.path
 
 warnings.filterwarnings("ignore")
 
@@ -29,16 +29,7 @@ MODELS = {
 
 
 def make_dataset(workdir: str) -> str:
-    from megalign.data import synthetic
-    from megalign.data.preprocess import PreprocessOptions, preprocess
-    from megalign.data.tokenizer_training import train_bpe_tokenizer
-
-    paths = synthetic.make_example(workdir, n_long=4, n_short=20, min_words=50, max_words=200, seed=0)
-    tok = train_bpe_tokenizer(synthetic.corpus(0), os.path.join(workdir, "tok"), vocab_size=1000)
-    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(tok),
-                             chat_template="chatml", seq_length=2048, output_prefix=os.path.join(workdir, "ds"),
-                             progress=False)
-    return preprocess(opts).prefix
+    return example_dataset(workdir, 2048, n_long=4, n_short=20, min_words=50, max_words=200, vocab_size=1000)
 
 
 def measure(prefix: str, workdir: str, overrides: list[str], repeats: int) -> dict:

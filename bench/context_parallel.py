@@ -1,6 +1,6 @@
 """Context parallelism on CPU: peak step memory per rank and tokens/s at CP=1 vs CP=2, the example model
 (examples/tiny.yaml), packs of one long sample, the same data and steps for both, launched one after the other
-from this one script (torchrun, gloo, one thread per rank).
+from this one script (torchrun, gloo; CP=1 is one process of 2 threads, CP=2 two processes of one).
 
 Per rank: the resident memory before a step and its peak during the step, sampled every 2 ms (the peak minus the
 baseline is what the step itself needs: activations, gradients in flight, attention workspace, K/V gathered
@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 
-from code_state import code_state  # bench/, the script's folder, is on sys.path
+from common import code_state, example_dataset  # bench/, the script's folder, is on sys.path
 
 warnings.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,16 +123,7 @@ def launch(cp: int, length: int, steps: int, data: str, workdir: str, max_positi
 
 def make_dataset(workdir: str, length: int) -> str:
     """A real dataset for the config checks (the steps themselves run on OneLongSample packs)."""
-    from megalign.data import synthetic
-    from megalign.data.preprocess import PreprocessOptions, preprocess
-    from megalign.data.tokenizer_training import train_bpe_tokenizer
-
-    paths = synthetic.make_example(workdir, n_long=2, n_short=8, min_words=50, max_words=100, seed=0)
-    tok = train_bpe_tokenizer(synthetic.corpus(0), os.path.join(workdir, "tok"), vocab_size=1000)
-    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(tok),
-                             chat_template="chatml", seq_length=length, output_prefix=os.path.join(workdir, "ds"),
-                             progress=False)
-    return preprocess(opts).prefix
+    return example_dataset(workdir, length, n_long=2, n_short=8, min_words=50, max_words=100, vocab_size=1000)
 
 
 def main() -> None:

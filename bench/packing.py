@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megalign.data import packing  # noqa: E402
-from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from common import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 
 STRATEGIES = [("bfd", 8), ("ffs", 8), ("next-fit", 8), ("sorted", 8), ("sorted", 32)]  # (strategy, group size)

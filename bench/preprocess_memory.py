@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import psutil
-from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from common import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import psutil
-from code_state import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
+from common import code_state  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before anything imports tokenizers; spawned children inherit it
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,20 +21,14 @@ import warnings
 
 import numpy as np
 
+from common import example_dataset  # bench/, the script's folder, is on sys.path
+
 warnings.filterwarnings("ignore")
 
 
 def make_dataset(workdir: str, seq_length: int) -> str:
-    from megalign.data import synthetic
-    from megalign.data.preprocess import PreprocessOptions, preprocess
-    from megalign.data.tokenizer_training import train_bpe_tokenizer
-
-    paths = synthetic.make_example(workdir, n_long=60, n_short=240, min_words=300, max_words=1500, seed=0)
-    tok = train_bpe_tokenizer(synthetic.corpus(0), os.path.join(workdir, "tok"), vocab_size=2000)
-    opts = PreprocessOptions(inputs=[str(paths["long"]), str(paths["short"])], tokenizer=str(tok),
-                             chat_template="chatml", seq_length=seq_length, output_prefix=os.path.join(workdir, "ds"),
-                             progress=False)
-    return preprocess(opts).prefix
+    return example_dataset(workdir, seq_length, n_long=60, n_short=240, min_words=300, max_words=1500,
+                           vocab_size=2000)
 
 
 def build(prefix: str):
