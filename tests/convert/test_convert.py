@@ -255,3 +255,26 @@ def test_import_checks_tensors_before_building(converted, tmp_path):
     bad = {**original, "model.norm.weight": torch.zeros(65)}
     assert "model.norm.weight has shape [65], config.json implies [64]" in attempt(bad)
     assert torch.distributed.is_initialized() is False
+
+
+def test_train_from_an_import_then_export_keeps_the_architecture(converted, tmp_path, word_tokenizer_dir):
+    """HF Mistral -> megalign -> a training run (checkpoint.init_from) -> HF: still a Mistral, loadable."""
+    from megalign.data.preprocess import PreprocessOptions, preprocess
+
+    _, work = converted
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hi hello"},
+                                                      {"role": "assistant", "content": "bye ok be brief"}]}) + "\n"
+                             for _ in range(8)))
+    data = preprocess(PreprocessOptions(inputs=[str(chats)], tokenizer=str(word_tokenizer_dir), chat_template="chatml",
+                                        seq_length=64, output_prefix=str(tmp_path / "ds"), progress=False)).prefix
+    imported, run = work / "mistral" / "imported", tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "megalign.train", "--config", str(imported / "model.yaml"),
+                           f"data.path={data}", f"checkpoint.init_from={imported}", f"run.output_dir={run}",
+                           "training.steps=2", "training.global_batch=1", "run.progress=false"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = tmp_path / "exported"
+    done = run_tool("export", "--checkpoint", run / "checkpoints", "--out", exported)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
