@@ -74,16 +74,20 @@ class _PackedCoreAttention(MegatronModule):
         if cu_seqlens is None:
             cu_seqlens = packed_seq_params.cu_seqlens_q
         if self.cp > 1:
-            out = self._context_parallel(query, key, value, cu_seqlens, dropout)
+            out = self._context_parallel(query, key, value, packed_seq_params, cu_seqlens, dropout)
         else:
             max_seqlen = packed_seq_params.max_seqlen_q
             out = self.attend(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout)
         return out.reshape(out.shape[0], -1)
 
-    def _context_parallel(self, query, key, value, cu_seqlens_padded, dropout):
+    def _context_parallel(self, query, key, value, packed_seq_params, cu_seqlens_padded, dropout):
         """All-gather K/V over the CP group; each local chunk attends to its sample's keys up to its own end."""
-        plan = _cp_plan(tuple(cu_seqlens_padded.tolist()), self.cp, dist.get_rank(self.cp_group))
-        keys, cu_q, cu_k, max_q, max_k = (x.to(query.device) if torch.is_tensor(x) else x for x in plan)
+        plan = getattr(packed_seq_params, "_megalign_cp_plan", None)
+        if plan is None:  # once per micro-batch, not per layer (reading cu_seqlens would sync a GPU every layer)
+            plan = _cp_plan(tuple(cu_seqlens_padded.tolist()), self.cp, dist.get_rank(self.cp_group))
+            plan = tuple(x.to(query.device) if torch.is_tensor(x) else x for x in plan)
+            packed_seq_params._megalign_cp_plan = plan
+        keys, cu_q, cu_k, max_q, max_k = plan
         k = context.all_gather_rows(key, self.cp_group)[keys]
         v = context.all_gather_rows(value, self.cp_group)[keys]
         return self.attend(query, k, v, cu_q, cu_k, max_q, max_k, dropout)

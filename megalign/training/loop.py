@@ -36,7 +36,7 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
     preempted = None
     bar = tqdm(total=cfg.training.steps, initial=trainer.step, desc="train",
                disable=not (speaker and cfg.run.progress), leave=False)
-    watch = PreemptionWatch(trainer._comm_device())
+    watch = PreemptionWatch(trainer.comm_device())
     try:
         with watch:
             last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)

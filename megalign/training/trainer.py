@@ -163,12 +163,13 @@ class Trainer:
         if self.layout.is_last_stage and self.layout.tp_rank == 0:
             for r in reports:
                 total += r["loss_sum_and_count"].double().cpu()
-        total = total.to(self._comm_device())
+        total = total.to(self.comm_device())
         dist.all_reduce(total)
         loss_sum, count = total.tolist()
         return loss_sum / max(count, 1.0)
 
-    def _comm_device(self):
+    def comm_device(self):
+        """Where tensors for collectives live: this rank's GPU under NCCL, the CPU under gloo."""
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
 
     # -- checkpoints -------------------------------------------------------------------------------------
