@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalign.checkpoint.store import CheckpointStore, read_manifest
+from megalign.checkpoint.store import CheckpointStore, read_manifest, step_dir_name
 from megalign.config import to_dict
 from megalign.errors import MegalignError
 
@@ -76,7 +76,7 @@ def agree(check) -> object:
     return value
 
 
-# -- model weights -------------------------------------------------------------------------------------
+# -- saving (both kinds) and model weights ------------------------------------------------------------
 def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: int | None) -> Path:
     from megatron.core import dist_checkpointing
 
@@ -88,7 +88,7 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
     dist_checkpointing.save(state, str(store.partial_dir(step)))
     if dist.is_initialized():
         dist.barrier()  # every rank has written its shards
-    final = store.root / f"step_{step:07d}"
+    final = store.root / step_dir_name(step)
     if rank0:
         final = store.publish(step, manifest, keep)
     if dist.is_initialized():
