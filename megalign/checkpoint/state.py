@@ -96,6 +96,20 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
     return final
 
 
+def _read(path: Path, state: dict) -> dict:
+    """megatron's load, with its failures (a damaged file that kept its size) named as the checkpoint's. The
+    rank that fails exits; its launcher (torchrun, srun) stops the others."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        return dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as e:
+        summary = (str(e).strip().splitlines() or [""])[-1][:200]
+        raise MegalignError(f"checkpoint {path} cannot be read ({type(e).__name__}: {summary}); it may be "
+                            "damaged: resume from an older one with checkpoint.resume_from=DIR") from e
+
+
 def save_weights(model, root: str | Path, model_cfg, padded_vocab_size: int, step: int = 0,
                  source: dict | None = None) -> Path:
     """The model alone (a megatron GPTModel, unwrapped) as a "weights" checkpoint under `root`."""
@@ -124,11 +138,9 @@ def check_model(path: Path, model_cfg, padded_vocab_size: int) -> dict:
 
 def load_weights(model, path: str | Path, model_cfg, padded_vocab_size: int) -> dict:
     """Load the model weights of any checkpoint (weights or training) into `model` at this run's layout."""
-    from megatron.core import dist_checkpointing
-
     path = resolve(path)
     manifest = agree(lambda: check_model(path, model_cfg, padded_vocab_size))
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    loaded = _read(path, {"model": model.sharded_state_dict()})
     model.load_state_dict(loaded["model"])
     return manifest
 
@@ -255,13 +267,11 @@ def check_training(path: Path, trainer) -> dict:
 
 def load_training(trainer, path: str | Path) -> dict:
     """Restore everything `save_training` wrote into a freshly built trainer (any TP/PP/DP layout)."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     manifest = agree(lambda: check_training(path, trainer))
     same_layout = manifest["layout"] == layout_identity(trainer.layout)
     state = training_state(trainer, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = _read(path, state)
     trainer.model.module.load_state_dict(loaded["model"])
     _load_optimizer(trainer.optimizer, loaded["optimizer"])
     trainer.scheduler.load_state_dict(loaded["scheduler"])

@@ -152,6 +152,11 @@ def test_bad_checkpoints_are_one_line_errors(dataset, other_dataset, tmp_path):
                  f"checkpoint.resume_from={ckpt}", expect_ok=False)
     cases.append((data, "was trained on other data"))
 
+    index = ckpt / ".metadata"  # megatron's index of the shards, damaged but the same size
+    index.write_bytes(b"\0" * index.stat().st_size)
+    damaged = train(1, dataset, source, "training.steps=3", "training.global_batch=2", expect_ok=False)
+    cases.append((damaged, "cannot be read"))
+
     shard = sorted(ckpt.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     truncated = train(1, dataset, source, "training.steps=3", "training.global_batch=2", expect_ok=False)
