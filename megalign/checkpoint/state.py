@@ -132,7 +132,9 @@ def check_model(path: Path, model_cfg, padded_vocab_size: int) -> dict:
     manifest = read_manifest(path)
     problems = shape_mismatches(manifest["model"], model_identity(model_cfg, padded_vocab_size))
     if problems:
-        raise MegalignError(f"checkpoint {path} holds a model of another shape: " + "; ".join(problems))
+        raise MegalignError(f"checkpoint {path} holds a model of another shape: " + "; ".join(problems) +
+                            " (set those keys as the checkpoint has them, e.g. with an import's model.yaml, or start "
+                            "over in a new run.output_dir)")
     return manifest
 
 
