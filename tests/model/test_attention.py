@@ -83,3 +83,25 @@ def test_gpu_backend_matches_sdpa(backend):
                                                                     packed_seq_params=params)
     got = CORE_ATTENTION[backend](cfg, 1, AttnMaskType.causal, "self")(q, k, v, None, packed_seq_params=params)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "flash"])
+def test_gpu_backend_context_parallel_chunks_match_sdpa(backend):
+    """The CP segments (a chunk's queries against its sample's keys up to the chunk's end: fewer queries than
+    keys, causal aligned bottom-right) through each varlen kernel, against sdpa."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not installed")
+    from megalign.model.attention import _cp_plan
+
+    g = torch.Generator().manual_seed(1)
+    cp, padded = 2, [8, 4, 12]  # sample lengths padded to multiples of 2*cp
+    cu = [0, 8, 12, 24]
+    keys, cu_q, cu_k, max_q, max_k = _cp_plan(tuple(cu), cp, 1)
+    q = torch.randn(int(cu_q[-1]), HEADS, DIM, generator=g)
+    k, v = (torch.randn(sum(padded), GROUPS, DIM, generator=g)[keys] for _ in range(2))
+    cfg = config()
+    expected = SDPAAttention(cfg, 1, AttnMaskType.causal, "self").attend(q, k, v, cu_q, cu_k, max_q, max_k, 0.0)
+    got = CORE_ATTENTION[backend](cfg, 1, AttnMaskType.causal, "self").attend(
+        *(x.to("cuda", torch.bfloat16) for x in (q, k, v)), cu_q.cuda(), cu_k.cuda(), max_q, max_k, 0.0)
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=2e-2, atol=2e-2)
