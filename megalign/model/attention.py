@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from functools import lru_cache
 
 import numpy as np
 
@@ -98,9 +97,8 @@ class _PackedCoreAttention(MegatronModule):
         raise NotImplementedError
 
 
-@lru_cache(maxsize=16)
 def _cp_plan(cu_seqlens_padded: tuple, cp: int, rank: int):
-    """Index of this rank's keys in the gathered K/V, and the varlen segments (cached: same for every layer)."""
+    """Index of this rank's keys in the gathered K/V, and the varlen segments (the same for every layer)."""
     padded = np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64))
     cu_q, cu_k, key_positions = context.attention_segments(padded, cp, rank)
     keys = context.global_order(padded, cp)[key_positions]

@@ -22,6 +22,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megalign.data.packed_dataset import Pack
+from megalign.data.positions import contiguous_positions
 from megalign.parallel import context
 from megalign.training.loss import token_weights
 
@@ -63,7 +64,7 @@ def thd_batch(pack: Pack, loss_mode: str, positions: np.ndarray | None = None) -
     targets[last] = 0.0
     weights, count = token_weights(targets, lengths, loss_mode)
     if positions is None:
-        positions = np.arange(len(tokens)) - np.repeat(starts, lengths)
+        positions = contiguous_positions(lengths)
     elif np.shape(positions) != tokens.shape:
         raise ValueError(f"{np.shape(positions)} positions for a pack of {len(tokens)} tokens")
     else:
@@ -97,8 +98,7 @@ def context_parallel_share(batch: Batch, cp: int, rank: int) -> Batch:
 
     # padding continues each sample's positions (never seen by a real token: it comes after them)
     positions = batch.position_ids.numpy()
-    sample_start = np.repeat(np.cumsum(padded) - padded, padded)
-    offset = np.arange(int(padded.sum())) - sample_start
+    offset = contiguous_positions(padded)  # each padded position's offset in its sample
     last_real = np.repeat(np.cumsum(lengths) - 1, padded)
     padded_positions = np.where(real, positions[from_row], positions[last_real] + offset - np.repeat(lengths, padded) + 1)
     return Batch(
