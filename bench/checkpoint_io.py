@@ -36,7 +36,6 @@ def measure(prefix: str, workdir: str, overrides: list[str], repeats: int) -> di
     from megalign.checkpoint import load_training
     from megalign.config import load_config, validate
     from megalign.model.arithmetic import parameter_count
-    from megalign.model.build import padded_vocab_size
     from megalign.training.trainer import Trainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +56,7 @@ def measure(prefix: str, workdir: str, overrides: list[str], repeats: int) -> di
         started = time.perf_counter()
         load_training(trainer, path)
         loads.append(time.perf_counter() - started)
-    params = parameter_count(cfg.model, padded_vocab_size(cfg.model))
+    params = parameter_count(cfg.model, cfg.model.padded_vocab_size)
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()  # the next size builds its own groups

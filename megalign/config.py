@@ -7,6 +7,7 @@ each problem as one line naming the key and a value that would work.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,14 +19,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megalign.errors import MegalignError
 
-LOSS_MODES = ("sequence", "token", "pack")
+OBJECTIVES = ("sft",)  # training.objective (megalign/training/objective.py)
+LOSS_MODES = ("sequence", "token", "pack")  # training.loss: the sft objective's weighting (training/loss.py)
 DEVICES = ("auto", "cpu", "cuda")
 RECOMPUTE = ("none", "selective", "full")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn", "llama3")
 POSITIONS = ("contiguous", "skipalign")  # data.positions (megalign/data/positions.py)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     preset: Optional[str] = None  # a name from megalign.model.presets; keys set here override it
     num_layers: int = 2
@@ -61,8 +63,26 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | te | flash | torch | sdpa
     recompute: str = "none"  # none | selective (attention core) | full (every layer)
 
+    # -- derived values: computed here and nowhere else ------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
-@dataclass
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up to make_vocab_size_divisible_by: the same at every TP size."""
+        if self.vocab_size is None:
+            raise MegalignError("model.vocab_size is unset: resolve the config against its data first "
+                                "(megalign.config.resolve)")
+        k = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // k) * k
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: Any = None  # a PREFIX, or a list of PREFIXes (required)
     weights: Optional[list[float]] = None  # one per path: sampling weights for mixing
@@ -80,7 +100,7 @@ class DataConfig:
     skipalign_fraction: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -88,7 +108,7 @@ class ParallelConfig:
     distributed_optimizer: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     global_batch: int = 8  # packs per optimizer step (micro-batches of one pack each, over all DP ranks)
     steps: int = 100
@@ -101,10 +121,11 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    loss: str = "sequence"  # sequence (LongAlign) | token | pack
+    objective: str = "sft"  # what a micro-batch carries for the loss and how it is reduced (training/objective.py)
+    loss: str = "sequence"  # the sft weighting: sequence (LongAlign) | token | pack (training/loss.py)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: Optional[str] = None  # None: run.output_dir/checkpoints
     interval: int = 0  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
@@ -115,7 +136,7 @@ class CheckpointConfig:
     init_from: Optional[str] = None  # a new run starting from these weights (e.g. an imported HF model)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: str = "runs/default"
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
@@ -128,7 +149,7 @@ class RunConfig:
     #                                     still runs to training.steps: a later run resumes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,8 +194,26 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     except OmegaConfBaseException as e:
         raise MegalignError(_one_line(e)) from None
     if isinstance(cfg.data.path, (ListConfig, DictConfig)):
-        cfg.data.path = OmegaConf.to_container(cfg.data.path)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=OmegaConf.to_container(cfg.data.path)))
     return cfg
+
+
+def resolve(cfg: Config, tokenizer_vocab_size: int | None = None) -> Config:
+    """The config a run uses, with every value it derives filled in once: the vocabulary (the datasets'
+    tokenizer's, when model.vocab_size is unset), the query groups and the head dimension. Configs are frozen:
+    nothing changes them afterwards."""
+    m = cfg.model
+    vocab = m.vocab_size if m.vocab_size is not None else tokenizer_vocab_size
+    if vocab is None:
+        raise MegalignError("config key model.vocab_size is unset and there is no dataset to take it from")
+    model = dataclasses.replace(m, vocab_size=vocab, num_query_groups=m.query_groups, kv_channels=m.head_dim)
+    return dataclasses.replace(cfg, model=model)
+
+
+def updated(cfg: Config, **sections: dict) -> Config:
+    """A copy of `cfg` with keys of some sections changed: updated(cfg, training={"loss": "token"})."""
+    changed = {name: dataclasses.replace(getattr(cfg, name), **keys) for name, keys in sections.items()}
+    return dataclasses.replace(cfg, **changed)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -196,7 +235,7 @@ def _validate_rope(m: ModelConfig) -> None:
     if not 0 < m.rotary_percent <= 1:
         raise MegalignError(f"config key model.rotary_percent={m.rotary_percent} must be in (0, 1] (GLM: 0.5)")
     if m.kv_channels or m.hidden_size % m.num_attention_heads == 0:  # otherwise reported with the head size
-        dim = int((m.kv_channels or m.hidden_size // m.num_attention_heads) * m.rotary_percent)
+        dim = int(m.head_dim * m.rotary_percent)
         if dim < 2 or dim % 2:
             raise MegalignError(f"config key model.rotary_percent={m.rotary_percent} gives an odd or empty rotary "
                                 f"dimension {dim}: head dimension * rotary_percent must be even")
@@ -226,6 +265,7 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     """Every rule between keys, checked before any process group starts (one line per problem, first wins).
     with_data=False: the model and parallel keys only (e.g. a checkpoint converter, which has no data)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
+    _check_choice("training.objective", t.objective, OBJECTIVES)
     _check_choice("training.loss", t.loss, LOSS_MODES)
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("model.recompute", m.recompute, RECOMPUTE)
@@ -255,7 +295,7 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if m.num_attention_heads % p.tp:
         raise MegalignError(f"config key parallel.tp={p.tp} must divide model.num_attention_heads="
                             f"{m.num_attention_heads}; try tp in {_divisor_hint(m.num_attention_heads)}")
-    groups = m.num_query_groups or m.num_attention_heads
+    groups = m.query_groups
     if m.num_attention_heads % groups:
         raise MegalignError(f"config key model.num_query_groups={groups} must divide model.num_attention_heads="
                             f"{m.num_attention_heads}")

@@ -1,15 +1,20 @@
-"""Entry point: `torchrun --nproc_per_node N -m megalign.train --config FILE.yaml [key=value ...]`."""
+"""Entry point: `torchrun --nproc_per_node N -m megalign.train --config FILE.yaml [key=value ...]`.
+
+Its exit status says how the run ended (training/status.py): 0 finished or paused at run.stop_at_step, 75 stopped
+by a signal after a checkpoint (rerun to resume), 1 failed, 2 bad config or input; run.output_dir/run_status.json
+says the same.
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
+from megalign.cli import Parser
 from megalign.config import load_config, to_dict, validate
 from megalign.errors import MegalignError
+from megalign.training.status import RunStatus, write_status
 
 
 def _setup_logging(output_dir: Path, is_logging_rank: bool) -> logging.Logger:
@@ -28,16 +33,12 @@ def _setup_logging(output_dir: Path, is_logging_rank: bool) -> logging.Logger:
     return log
 
 
-def _quiet_known_warnings() -> None:
-    """Notices from megatron-core about optional packages we chose not to need, and deprecations inside it."""
-    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    "full scope is deprecated", "The .grad attribute of a Tensor that is not a leaf",
-                    ".*is deprecated. Please use", "When using async grad allreduce"):
-        warnings.filterwarnings("ignore", message=message)
+def run(config_path: str | None, overrides: list[str]) -> RunStatus:
+    """Train as the config says; returns how the run ended. A MegalignError before the trainer exists (bad config)
+    leaves nothing behind; after it, run_status.json records it."""
+    from megalign import megatron_compat
 
-
-def run(config_path: str | None, overrides: list[str]) -> None:
-    _quiet_known_warnings()
+    megatron_compat.quiet_known_warnings()
     from megalign.parallel.setup import world_size_from_env
 
     cfg = load_config(config_path, overrides)
@@ -50,29 +51,41 @@ def run(config_path: str | None, overrides: list[str]) -> None:
     from megalign.training.loop import train
     from megalign.training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = None
     out = Path(cfg.run.output_dir)
-    log = _setup_logging(out, trainer.layout.rank == 0)
-    if trainer.layout.rank == 0:
-        OmegaConf.save(OmegaConf.create(to_dict(cfg)), out / "config.yaml")
     try:
-        train(trainer, log)
+        trainer = Trainer(cfg)
+        speaker = trainer.layout.rank == 0
+        log = _setup_logging(out, speaker)
+        if speaker:
+            OmegaConf.save(OmegaConf.create(to_dict(trainer.cfg)), out / "config.yaml")
+            write_status(out, RunStatus.RUNNING, step=trainer.step, steps=cfg.training.steps,
+                         world_size=trainer.layout.world_size)
+        end = train(trainer, log)
+        if speaker:
+            newest = trainer.checkpoints.latest()
+            write_status(out, end.status, reason=end.reason, step=end.step, steps=cfg.training.steps,
+                         checkpoint=str(newest) if newest else None)
+        return end.status
+    except BaseException as e:
+        if trainer is not None and trainer.layout.rank == 0:
+            status = RunStatus.INVALID if isinstance(e, MegalignError) else RunStatus.FAILED
+            write_status(out, status, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
+                         step=trainer.step, steps=cfg.training.steps)
+        raise
     finally:
-        if dist.is_initialized():
+        if trainer is not None and dist.is_initialized() and sys.exc_info()[0] is None:
             dist.barrier()
         shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m megalign.train", description=__doc__)
+    parser = Parser(prog="python -m megalign.train", description=__doc__)
     parser.add_argument("--config", help="YAML config (see examples/)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.lr=1e-5 parallel.tp=2")
     args = parser.parse_args(argv)
-    try:
-        run(args.config, args.overrides)
-    except MegalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    status = parser.call(run, args.config, args.overrides)
+    sys.exit(status.exit_code)
 
 
 if __name__ == "__main__":

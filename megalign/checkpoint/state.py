@@ -11,20 +11,25 @@ at another. RNG streams belong to ranks and are restored only at the layout they
 
 Every check that can fail (manifest, file sizes, model shape, data) runs on rank 0 before megatron reads
 anything, and its verdict is broadcast, so a bad checkpoint is one clear error on every rank, not a hang.
+
+This layer takes explicit parts (`TrainingParts`, `RunIdentity`) and returns what it restored (`Restored`); it
+never sees the trainer.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalign import megatron_compat
 from megalign.checkpoint.store import CheckpointStore, read_manifest, step_dir_name
-from megalign.config import to_dict
 from megalign.errors import MegalignError
 
 log = logging.getLogger("megalign")
@@ -37,14 +42,12 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 # -- identities written into the manifest and checked on load ------------------------------------------
-def model_identity(model_cfg, padded_vocab_size: int) -> dict:
-    """The model section of the config, plus the padded vocabulary, as plain values."""
-    from dataclasses import asdict
-
+def model_identity(model_cfg) -> dict:
+    """The model section of the config with its derived values (padded vocabulary, groups, head dim)."""
     identity = {k: v for k, v in asdict(model_cfg).items() if k not in ("preset",)}
-    identity["padded_vocab_size"] = padded_vocab_size
-    identity["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
-    identity["kv_channels"] = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+    identity["padded_vocab_size"] = model_cfg.padded_vocab_size
+    identity["num_query_groups"] = model_cfg.query_groups
+    identity["kv_channels"] = model_cfg.head_dim
     return identity
 
 
@@ -54,9 +57,18 @@ def shape_mismatches(saved: dict, current: dict) -> list[str]:
 
 
 def data_identity(datasets) -> list[dict]:
-    """Each training dataset by its path and the sha256 of its files (computed once, at preprocessing)."""
-    return [{"path": ds.prefix, "sha256": {s: f["sha256"] for s, f in sorted(ds.meta["files"].items())}}
-            for ds in datasets]
+    """Each training dataset's fingerprint (data/source.py): its path and the sha256 of its content."""
+    return [ds.fingerprint() for ds in datasets]
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint must agree with to be resumed by a run: the model (model_identity), the data
+    (data_identity) and the seed."""
+
+    model: dict
+    data: list
+    seed: int
 
 
 # -- running a check on rank 0 and raising everywhere --------------------------------------------------
@@ -100,20 +112,18 @@ def _read(path: Path, state: dict) -> dict:
     """megatron's load, with its failures (a damaged file that kept its size) named as the checkpoint's. The
     rank that fails exits; its launcher (torchrun, srun) stops the others."""
     from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
         return dist_checkpointing.load(state, str(path))
-    except (Exception, CheckpointException) as e:
+    except (Exception, *megatron_compat.CHECKPOINT_LOAD_ERRORS) as e:
         summary = (str(e).strip().splitlines() or [""])[-1][:200]
         raise MegalignError(f"checkpoint {path} cannot be read ({type(e).__name__}: {summary}); it may be "
                             "damaged: resume from an older one with checkpoint.resume_from=DIR") from e
 
 
-def save_weights(model, root: str | Path, model_cfg, padded_vocab_size: int, step: int = 0,
-                 source: dict | None = None) -> Path:
+def save_weights(model, root: str | Path, model_cfg, step: int = 0, source: dict | None = None) -> Path:
     """The model alone (a megatron GPTModel, unwrapped) as a "weights" checkpoint under `root`."""
-    manifest = {"kind": "weights", "step": step, "model": model_identity(model_cfg, padded_vocab_size),
+    manifest = {"kind": "weights", "step": step, "model": model_identity(model_cfg),
                 "source": source or {}}
     return _save({"model": model.sharded_state_dict()}, CheckpointStore(root), step, manifest, keep=None)
 
@@ -128,9 +138,10 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def check_model(path: Path, model_cfg, padded_vocab_size: int) -> dict:
+def check_model(path: Path, identity: dict) -> dict:
+    """The manifest of `path`, if its model has the shape of `identity` (model_identity)."""
     manifest = read_manifest(path)
-    problems = shape_mismatches(manifest["model"], model_identity(model_cfg, padded_vocab_size))
+    problems = shape_mismatches(manifest["model"], identity)
     if problems:
         raise MegalignError(f"checkpoint {path} holds a model of another shape: " + "; ".join(problems) +
                             " (set those keys as the checkpoint has them, e.g. with an import's model.yaml, or start "
@@ -138,10 +149,10 @@ def check_model(path: Path, model_cfg, padded_vocab_size: int) -> dict:
     return manifest
 
 
-def load_weights(model, path: str | Path, model_cfg, padded_vocab_size: int) -> dict:
+def load_weights(model, path: str | Path, model_cfg) -> dict:
     """Load the model weights of any checkpoint (weights or training) into `model` at this run's layout."""
     path = resolve(path)
-    manifest = agree(lambda: check_model(path, model_cfg, padded_vocab_size))
+    manifest = agree(lambda: check_model(path, model_identity(model_cfg)))
     loaded = _read(path, {"model": model.sharded_state_dict()})
     model.load_state_dict(loaded["model"])
     return manifest
@@ -182,106 +193,91 @@ def layout_identity(layout) -> dict:
 
 
 # -- the whole training state --------------------------------------------------------------------------
-def _optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+@dataclass
+class TrainingParts:
+    """The objects a training checkpoint saves from and restores into, at this rank's place in `layout`."""
+
+    model: Any  # this rank's megatron model, unwrapped (not the DDP wrapper)
+    optimizer: Any  # megatron's optimizer
+    scheduler: Any  # megatron's OptimizerParamScheduler
+    layout: Any  # parallel.setup.Layout
 
 
-def _prepare_optimizer_for_loading(optimizer) -> None:
-    """A fresh optimizer has no Adam state yet; megatron's loader needs it allocated, `step` included (megatron
-    allocates only the moments; without TE/Apex its state_dict reads a per-parameter `step`)."""
-    for opt in _optimizers(optimizer):
-        if not opt.optimizer.state:
-            opt.init_state_fn(opt.optimizer, opt.config)
-            for state in opt.optimizer.state.values():
-                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+@dataclass(frozen=True)
+class Restored:
+    """What a training checkpoint gave back: model, optimizer and scheduler are restored in place; the step,
+    the sampler's state and the RNG streams (None when the layout differs: they restart from the seed) are the
+    caller's to apply."""
+
+    path: Path
+    step: int
+    sampler: dict
+    rng: dict | None
+    manifest: dict
 
 
-def _load_optimizer(optimizer, loaded) -> None:
-    """Load the optimizer state in two parts, around a bug of megatron-core 0.16 without TE/Apex (plain torch
-    Adam): its fully reshardable loader copies every per-parameter state key, `step` included, from a source
-    that never has `step` (KeyError). So: groups and step first, then the tensors with `step` set aside.
-
-    Megatron also restores one `step` tensor shared by all parameters, which each Adam update would then advance
-    once per parameter (a silently wrong bias correction): each parameter gets its own copy."""
-    chained = _optimizers(optimizer)
-    parts = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
-    for opt, part in zip(chained, parts):
-        part = dict(part)
-        param_state = part.pop("param_state", None)
-        sharding = part.pop("param_state_sharding_type", None)
-        opt.load_state_dict(part)
-        if param_state is None:
-            continue
-        if sharding != "fully_reshardable":
-            raise MegalignError(f"optimizer state of sharding type {sharding!r}; megalign writes fully_reshardable")
-        steps = {p: state.pop("step") for p, state in opt.optimizer.state.items() if "step" in state}
-        opt.load_parameter_state_from_fully_reshardable(param_state)
-        for p, step in steps.items():
-            opt.optimizer.state[p]["step"] = step.clone()
-
-
-def training_state(trainer, is_loading: bool, with_rng: bool = True) -> dict:
-    model = trainer.model.module
-    model_state = model.sharded_state_dict()
+def _state(parts: TrainingParts, step: int, sampler: dict, rng: dict | None, is_loading: bool) -> dict:
+    model_state = parts.model.sharded_state_dict()
     if is_loading:
-        _prepare_optimizer_for_loading(trainer.optimizer)
+        megatron_compat.prepare_optimizer_for_loading(parts.optimizer)
     state = {
         "model": model_state,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                          metadata=OPTIMIZER_METADATA),
-        "scheduler": trainer.scheduler.state_dict(),
-        "sampler": trainer.sampler.state_dict(),
-        "step": trainer.step,
+        "optimizer": parts.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                        metadata=OPTIMIZER_METADATA),
+        "scheduler": parts.scheduler.state_dict(),
+        "sampler": sampler,
+        "step": step,
     }
-    if with_rng:
-        state["rng"] = _rng_sharded(trainer.layout, rng_state())
+    if rng is not None:
+        state["rng"] = _rng_sharded(parts.layout, rng)
     return state
 
 
-def save_training(trainer, store: CheckpointStore, keep: int | None) -> Path:
-    manifest = {
-        "kind": "training", "step": trainer.step,
-        "model": model_identity(trainer.cfg.model, trainer.padded_vocab),
-        "data": data_identity(trainer.datasets), "layout": layout_identity(trainer.layout),
-        "sampler": trainer.sampler.state_dict(), "seed": trainer.cfg.training.seed,
-        "source": trainer.source,  # where the weights first came from (an HF import: its architecture, ids)
-        "config": to_dict(trainer.cfg),  # the run's whole config, for the record (resume uses the new one)
+def training_manifest(identity: RunIdentity, step: int, layout, sampler: dict, source: dict, config: dict) -> dict:
+    return {
+        "kind": "training", "step": step, "model": identity.model, "data": identity.data,
+        "layout": layout_identity(layout), "sampler": sampler, "seed": identity.seed,
+        "source": source,  # where the weights first came from (an HF import: its architecture, ids)
+        "config": config,  # the run's whole config, for the record (resume uses the new one)
     }
-    return _save(training_state(trainer, is_loading=False), store, trainer.step, manifest, keep)
 
 
-def check_training(path: Path, trainer) -> dict:
-    manifest = check_model(path, trainer.cfg.model, trainer.padded_vocab)
+def save_training(parts: TrainingParts, step: int, sampler: dict, rng: dict, manifest: dict,
+                  store: CheckpointStore, keep: int | None) -> Path:
+    """Everything a run needs to continue, published atomically as step `step` of `store` (collective)."""
+    return _save(_state(parts, step, sampler, rng, is_loading=False), store, step, manifest, keep)
+
+
+def check_training(path: Path, identity: RunIdentity) -> dict:
+    manifest = check_model(path, identity.model)
     if manifest["kind"] != "training":
         raise MegalignError(f"checkpoint {path} holds weights only (kind {manifest['kind']!r}), not a run to "
                             f"resume: start from it with checkpoint.init_from={path}")
-    saved, current = manifest["data"], data_identity(trainer.datasets)
+    saved, current = manifest["data"], identity.data
     if [d["sha256"] for d in saved] != [d["sha256"] for d in current]:
         raise MegalignError(
             f"checkpoint {path} was trained on other data ({', '.join(d['path'] for d in saved)}) than "
             f"data.path ({', '.join(d['path'] for d in current)}): the sampler position would be meaningless. "
             f"To train on new data from these weights, use a new run.output_dir with checkpoint.init_from={path}")
-    if manifest["seed"] != trainer.cfg.training.seed:
+    if manifest["seed"] != identity.seed:
         raise MegalignError(f"checkpoint {path} was trained with training.seed={manifest['seed']}, the config "
-                            f"says {trainer.cfg.training.seed}; set training.seed={manifest['seed']} to resume")
+                            f"says {identity.seed}; set training.seed={manifest['seed']} to resume")
     return manifest
 
 
-def load_training(trainer, path: str | Path) -> dict:
-    """Restore everything `save_training` wrote into a freshly built trainer (any TP/PP/DP layout)."""
+def load_training(parts: TrainingParts, path: str | Path, identity: RunIdentity, sampler: dict) -> Restored:
+    """Restore model, optimizer and scheduler from `path` (any TP/PP/DP layout) into `parts`; `sampler` is a
+    state of the same shape as the saved one (the run's fresh sampler's). Returns the rest."""
     path = Path(path)
-    manifest = agree(lambda: check_training(path, trainer))
-    same_layout = manifest["layout"] == layout_identity(trainer.layout)
-    state = training_state(trainer, is_loading=True, with_rng=same_layout)
+    manifest = agree(lambda: check_training(path, identity))
+    same_layout = manifest["layout"] == layout_identity(parts.layout)
+    state = _state(parts, 0, sampler, rng_state() if same_layout else None, is_loading=True)
     loaded = _read(path, state)
-    trainer.model.module.load_state_dict(loaded["model"])
-    _load_optimizer(trainer.optimizer, loaded["optimizer"])
-    trainer.scheduler.load_state_dict(loaded["scheduler"])
-    trainer.sampler.load_state_dict(loaded["sampler"])
-    trainer.step = int(loaded["step"])
-    if same_layout:
-        set_rng_state(loaded["rng"])
-    else:
+    parts.model.load_state_dict(loaded["model"])
+    megatron_compat.load_optimizer_state(parts.optimizer, loaded["optimizer"])
+    parts.scheduler.load_state_dict(loaded["scheduler"])
+    if not same_layout:
         log.info(f"checkpoint layout {manifest['layout']} differs from this run's "
-                 f"{layout_identity(trainer.layout)}: RNG streams start fresh from training.seed")
-    return manifest
+                 f"{layout_identity(parts.layout)}: RNG streams start fresh from training.seed")
+    return Restored(path=path, step=int(loaded["step"]), sampler=loaded["sampler"],
+                    rng=loaded["rng"] if same_layout else None, manifest=manifest)

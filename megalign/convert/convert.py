@@ -155,9 +155,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str = "auto", max_posi
     hf = hfc.read_hf_config(hf_dir)
     model_cfg, arch = hfc.hf_to_model_config(hf, max_position_embeddings)
     check_model_rules(model_cfg, f"{hf_dir / 'config.json'}")
-    from megalign.model.build import padded_vocab_size
-
-    padded = padded_vocab_size(model_cfg)
+    padded = model_cfg.padded_vocab_size
     pieces, padding = plan(model_cfg, arch, padded)
     reader = SafetensorsReader(hf_dir)
     found = reader.metadata()
@@ -185,7 +183,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str = "auto", max_posi
 
     source = {"format": "huggingface", "path": str(hf_dir.resolve()), "architecture": arch, "hf_config": hf,
               "dtype": str(params_dtype).removeprefix("torch.")}
-    checkpoint = save_weights(model, out, model_cfg, padded, source=source)
+    checkpoint = save_weights(model, out, model_cfg, source=source)
     kept = _copy_side_files(hf_dir, out / HF_DIR, ("config.json",) + TOKENIZER_FILES)
     header = (f"# The model of {hf_dir} ({arch}), imported by tools/convert_checkpoint.py.\n"
               f"# Train from it:  python -m megalign.train --config {out / MODEL_YAML} data.path=PREFIX "
@@ -236,9 +234,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     manifest = read_manifest(path)
     model_cfg = hfc.model_config_from_identity(manifest["model"])
     padded = int(manifest["model"]["padded_vocab_size"])
-    from megalign.model.build import padded_vocab_size
-
-    if model_cfg.vocab_size is None or padded_vocab_size(model_cfg) != padded:
+    if model_cfg.vocab_size is None or model_cfg.padded_vocab_size != padded:
         raise MegalignError(f"checkpoint {path}: vocab_size {model_cfg.vocab_size} does not give its padded "
                             f"vocabulary {padded}; the manifest is inconsistent")
     source = manifest.get("source") or {}
@@ -260,7 +256,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     model = build_full_model(model_cfg, stored)
     from megalign.checkpoint import load_weights
 
-    load_weights(model, path, model_cfg, padded)
+    load_weights(model, path, model_cfg)
     params = megatron_parameters(model)
     pieces, _ = plan(model_cfg, arch, padded)
 

@@ -61,8 +61,7 @@ def plan(m: ModelConfig, architecture: str, padded_vocab: int) -> tuple[list[Pie
     """Every HF tensor of `architecture` with the megatron region it maps to, in HF's usual order."""
     model_type = ARCHITECTURES[architecture]
     heads, hidden, ffn, vocab = m.num_attention_heads, m.hidden_size, m.ffn_hidden_size, m.vocab_size
-    groups = m.num_query_groups or heads
-    d = m.kv_channels or hidden // heads
+    groups, d = m.query_groups, m.head_dim
     per_group = heads // groups
     q_rows, kv_rows = heads * d, groups * d
     pieces: list[Piece] = []

@@ -1,4 +1,5 @@
-"""Read a packed dataset (format v1): pack k as tokens, loss mask and per-sample lengths.
+"""Read a packed dataset (format v1): pack k as tokens, loss mask and per-sample lengths (a `PackSource`, see
+source.py).
 
 Opening validates the metadata version, the file sizes and (by default) the checksums, so that a truncated,
 mismatched or half-written dataset is a clear error instead of a crash deep inside training.
@@ -69,6 +70,18 @@ class PackedDataset:
     def pack_lengths(self) -> np.ndarray:
         cumulative = np.concatenate([[0], np.cumsum(self.sample_lengths, dtype=np.int64)])
         return np.diff(cumulative[self.pack_boundaries])
+
+    def pack_sample_lengths(self, k: int) -> np.ndarray:
+        first, last = int(self.pack_boundaries[k]), int(self.pack_boundaries[k + 1])
+        return np.asarray(self.sample_lengths[first:last])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def fingerprint(self) -> dict:
+        """The path and the sha256 of each file (computed once, at preprocessing): a checkpoint's record of it."""
+        return {"path": self.prefix, "sha256": {s: f["sha256"] for s, f in sorted(self.meta["files"].items())}}
 
     def __getitem__(self, k: int) -> Pack:
         if not 0 <= k < len(self):

@@ -75,8 +75,7 @@ class PackSampler:
         return batch
 
     def rank_share(self, batch: list[PackRef], dp_rank: int) -> list[PackRef]:
-        per_rank = self.global_batch // self.dp_size
-        return batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        return dp_share(batch, self.dp_size, dp_rank)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "num_packs": self.num_packs,
@@ -86,3 +85,11 @@ class PackSampler:
         if state["num_packs"] != self.num_packs or state["seed"] != self.seed:
             raise ValueError("the checkpoint's sampler was built on other data or another seed")
         self.consumed = int(state["consumed"])
+
+
+def dp_share(refs, dp_size: int, dp_rank: int) -> list:
+    """Data-parallel rank `dp_rank`'s consecutive share of `refs` (a multiple of dp_size of them)."""
+    if len(refs) % dp_size:
+        raise ValueError(f"{len(refs)} packs do not split over {dp_size} data-parallel ranks")
+    per_rank = len(refs) // dp_size
+    return list(refs[dp_rank * per_rank:(dp_rank + 1) * per_rank])

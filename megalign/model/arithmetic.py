@@ -9,13 +9,9 @@ from __future__ import annotations
 from megalign.config import ModelConfig
 
 
-def _head_dim(m: ModelConfig) -> int:
-    return m.kv_channels or m.hidden_size // m.num_attention_heads
-
-
 def parameter_count(m: ModelConfig, vocab_size: int) -> int:
     """Parameters of the full (TP=1, PP=1) model with this vocabulary size."""
-    d, groups = _head_dim(m), m.num_query_groups or m.num_attention_heads
+    d, groups = m.head_dim, m.query_groups
     qkv_out = (m.num_attention_heads + 2 * groups) * d
     attention = m.hidden_size * qkv_out + m.num_attention_heads * d * m.hidden_size
     attention += qkv_out if (m.add_qkv_bias or m.add_bias_linear) else 0
@@ -31,8 +27,8 @@ def parameter_count(m: ModelConfig, vocab_size: int) -> int:
 
 def dense_flops_per_token(m: ModelConfig, padded_vocab: int) -> float:
     """Forward FLOPs of the matrix multiplies per token (2 x multiply-adds): QKV, output, MLP, logits."""
-    head_dim = _head_dim(m)
-    groups = m.num_query_groups or m.num_attention_heads
+    head_dim = m.head_dim
+    groups = m.query_groups
     qkv = m.hidden_size * head_dim * (m.num_attention_heads + 2 * groups)
     proj = m.num_attention_heads * head_dim * m.hidden_size
     mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
@@ -41,7 +37,7 @@ def dense_flops_per_token(m: ModelConfig, padded_vocab: int) -> float:
 
 def attention_flops(m: ModelConfig, sequence_lengths) -> float:
     """Forward FLOPs of QK^T and AV for causal attention, summed over sequences: 2 * 2 * n^2/2 * heads * dim."""
-    head_dim = _head_dim(m)
+    head_dim = m.head_dim
     width = m.num_attention_heads * head_dim
     return m.num_layers * sum(2.0 * n * n * width for n in sequence_lengths)
 

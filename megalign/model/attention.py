@@ -12,18 +12,16 @@ THD, with cu_seqlens in PackedSeqParams; [s, b, heads, dim] otherwise) and retur
 
 Under context parallelism (sdpa, torch, flash) each rank holds two chunks of every sample (parallel/context.py);
 its keys and values are all-gathered over the CP group and each chunk attends, causally, to its sample's keys
-up to the chunk's end. TE brings its own CP attention.
+up to the chunk's end, as the batch's `ThdParams.cp_plan` says. TE brings its own CP attention.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-
-import numpy as np
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -31,8 +29,18 @@ from megatron.core.transformer.module import MegatronModule
 
 from megalign.errors import MegalignError
 from megalign.parallel import context
+from megalign.parallel.setup import chunk_attention_kernel
 
 BACKENDS = ("auto", "te", "flash", "torch", "sdpa")
+
+
+@dataclass
+class ThdParams(PackedSeqParams):
+    """megatron's PackedSeqParams for a THD micro-batch, plus what megalign's attention needs from the batch:
+    under context parallelism, this rank's attention plan (parallel/context.py `attention_plan`), built on the
+    host with the batch (training/batch.py)."""
+
+    cp_plan: context.AttentionPlan | None = None
 
 
 class _PackedCoreAttention(MegatronModule):
@@ -69,27 +77,25 @@ class _PackedCoreAttention(MegatronModule):
             return out.reshape(b, s, -1).permute(1, 0, 2).contiguous()
         if packed_seq_params.qkv_format != "thd":
             raise NotImplementedError(f"qkv_format {packed_seq_params.qkv_format!r}; megalign packs as 'thd'")
-        cu_seqlens = packed_seq_params.cu_seqlens_q_padded
-        if cu_seqlens is None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q
         if self.cp > 1:
-            out = self._context_parallel(query, key, value, packed_seq_params, cu_seqlens, dropout)
+            out = self._context_parallel(query, key, value, packed_seq_params, dropout)
         else:
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
             max_seqlen = packed_seq_params.max_seqlen_q
             out = self.attend(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout)
         return out.reshape(out.shape[0], -1)
 
-    def _context_parallel(self, query, key, value, packed_seq_params, cu_seqlens_padded, dropout):
+    def _context_parallel(self, query, key, value, packed_seq_params, dropout):
         """All-gather K/V over the CP group; each local chunk attends to its sample's keys up to its own end."""
-        plan = getattr(packed_seq_params, "_megalign_cp_plan", None)
-        if plan is None:  # once per micro-batch, not per layer (reading cu_seqlens would sync a GPU every layer)
-            plan = _cp_plan(tuple(cu_seqlens_padded.tolist()), self.cp, dist.get_rank(self.cp_group))
-            plan = tuple(x.to(query.device) if torch.is_tensor(x) else x for x in plan)
-            packed_seq_params._megalign_cp_plan = plan
-        keys, cu_q, cu_k, max_q, max_k = plan
-        k = context.all_gather_rows(key, self.cp_group)[keys]
-        v = context.all_gather_rows(value, self.cp_group)[keys]
-        return self.attend(query, k, v, cu_q, cu_k, max_q, max_k, dropout)
+        plan = getattr(packed_seq_params, "cp_plan", None)
+        if plan is None:
+            raise MegalignError("context parallelism needs the batch's attention plan: ThdParams(cp_plan=...), as "
+                                "training/batch.py context_parallel_share builds it")
+        k = context.all_gather_rows(key, self.cp_group)[plan.keys]
+        v = context.all_gather_rows(value, self.cp_group)[plan.keys]
+        return self.attend(query, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, dropout)
 
     def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout) -> torch.Tensor:
         """q [tq, hq, d], k/v [tk, hkv, d] -> [tq, hq, d]: segment i of q (cu_q) attends to segment i of k/v
@@ -97,17 +103,13 @@ class _PackedCoreAttention(MegatronModule):
         raise NotImplementedError
 
 
-def _cp_plan(cu_seqlens_padded: tuple, cp: int, rank: int):
-    """Index of this rank's keys in the gathered K/V, and the varlen segments (the same for every layer)."""
-    padded = np.diff(np.asarray(cu_seqlens_padded, dtype=np.int64))
-    cu_q, cu_k, key_positions = context.attention_segments(padded, cp, rank)
-    keys = context.global_order(padded, cp)[key_positions]
-    return (torch.from_numpy(keys), torch.from_numpy(cu_q), torch.from_numpy(cu_k),
-            int(np.diff(cu_q).max()), int(np.diff(cu_k).max()))
-
-
 class SDPAAttention(_PackedCoreAttention):
-    """The reference: causal SDPA per sequence (no cross-sequence work, no t x t mask)."""
+    """The reference: causal SDPA per sequence (no cross-sequence work, no t x t mask). A CP chunk (fewer queries
+    than keys) goes to the exact chunk kernel the device mode provides, if any (parallel/setup.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk_kernel = chunk_attention_kernel()
 
     def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout):
         outputs = []
@@ -117,8 +119,8 @@ class SDPAAttention(_PackedCoreAttention):
             qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
             ki, vi = (x[k0:k1].transpose(0, 1).unsqueeze(0) for x in (k, v))
             lead = (k1 - k0) - (q1 - q0)  # > 0: a CP chunk, causal bottom-right
-            if lead and not dropout and q.device.type == "cpu" and _HAVE_CPU_FLASH_LSE:
-                o = _chunk_attention(qi, ki, vi, self.softmax_scale)
+            if lead and not dropout and self.chunk_kernel is not None:
+                o = self.chunk_kernel(qi, ki, vi, self.softmax_scale)
             else:
                 o = _causal_bottom_right(qi, ki, vi, lead, dropout, self.softmax_scale)
             outputs.append(o.squeeze(0).transpose(0, 1))
@@ -128,53 +130,13 @@ class SDPAAttention(_PackedCoreAttention):
 def _causal_bottom_right(q, k, v, lead: int, dropout: float, scale: float) -> torch.Tensor:
     """SDPA, causal with the last query aligned to the last key. SDPA aligns is_causal top-left and
     materialises any explicit mask (O(queries x keys) memory on CPU), so with fewer queries than keys they go
-    last in a row of zero queries: exact, O(keys) memory; the discarded rows cost compute."""
+    last in a row of zero queries: exact, O(keys) memory; the discarded rows cost compute (the chunk kernel of
+    the CPU mode avoids them)."""
     if lead:
         q = torch.cat([q.new_zeros(1, q.shape[1], lead, q.shape[3]), q], dim=2)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True,
                                        enable_gqa=k.shape[1] != q.shape[1])
     return o[:, :, lead:]
-
-
-_HAVE_CPU_FLASH_LSE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-
-
-class _ChunkAttention(torch.autograd.Function):
-    """A CP chunk's attention on CPU without wasted work: its queries against the keys before the chunk (no
-    mask) and against the chunk's own keys (causal), merged by their log-sum-exps, as ring attention does.
-    The backward of each part, given the merged output and log-sum-exp, is that part's exact share of the
-    gradient. Uses PyTorch's CPU flash-attention kernels (the ones SDPA runs), which return the log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k_before, v_before, k_own, v_own, scale):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_own, lse_own = flash(q, k_own, v_own, 0.0, True, scale=scale)
-        out_before, lse_before = flash(q, k_before, v_before, 0.0, False, scale=scale)
-        lse = torch.logaddexp(lse_before, lse_own)
-        out = (torch.exp(lse_before - lse).unsqueeze(-1) * out_before
-               + torch.exp(lse_own - lse).unsqueeze(-1) * out_own).to(q.dtype)
-        ctx.save_for_backward(q, k_before, v_before, k_own, v_own, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k_before, v_before, k_own, v_own, out, lse = ctx.saved_tensors
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        grad_out = grad_out.contiguous()
-        dq_own, dk_own, dv_own = backward(grad_out, q, k_own, v_own, out, lse, 0.0, True, scale=ctx.scale)
-        dq_before, dk_before, dv_before = backward(grad_out, q, k_before, v_before, out, lse, 0.0, False,
-                                                   scale=ctx.scale)
-        return dq_own + dq_before, dk_before, dv_before, dk_own, dv_own, None
-
-
-def _chunk_attention(q, k, v, scale: float) -> torch.Tensor:
-    """q [1, h, c, d] (a chunk), k/v [1, g, a + c, d] (its sample's keys up to the chunk's end)."""
-    if k.shape[1] != q.shape[1]:  # GQA: the kernels want one K/V head per query head
-        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    c = q.shape[2]
-    k, v = k.contiguous(), v.contiguous()
-    return _ChunkAttention.apply(q.contiguous(), k[:, :, :-c], v[:, :, :-c], k[:, :, -c:], v[:, :, -c:], scale)
 
 
 def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:

@@ -17,12 +17,6 @@ from megalign.model.attention import CORE_ATTENTION
 from megalign.model.rope import GPTModelWithPositions
 
 
-def padded_vocab_size(model: ModelConfig) -> int:
-    """The vocabulary rounded up to make_vocab_size_divisible_by: the same at every TP size."""
-    k = model.make_vocab_size_divisible_by
-    return -(-model.vocab_size // k) * k
-
-
 def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool = True) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     recompute = {}
@@ -103,7 +97,7 @@ def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.flo
     return GPTModelWithPositions(
         config=transformer_config(cfg, params_dtype, random_init),
         transformer_layer_spec=layer_spec(backend, m.normalization),
-        vocab_size=padded_vocab_size(m),
+        vocab_size=m.padded_vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

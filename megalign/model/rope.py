@@ -3,7 +3,8 @@
 Three pieces, one path for every scaling type:
 
   rope_frequencies(model)      (inv_freq, attention_scaling) as HF computes them for the same config
-  set_attention_scaling(config, s)  makes megatron's attention multiply cos and sin by s (YaRN)
+  megatron_compat.set_rope_attention_scaling(config, s)  makes megatron's attention multiply cos and
+                               sin by s (YaRN)
   rotary_embedding_at(...)     the rotation angles of given position ids, in megatron's layout
   GPTModelWithPositions        a GPTModel that installs those frequencies and, when the batch carries
                                position_ids, rotates token t by the angle position_ids[t] * inv_freq
@@ -32,14 +33,14 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from megalign import megatron_compat
 from megalign.config import ModelConfig
 from megalign.errors import MegalignError
 
 
 def rotary_dim(m: ModelConfig) -> int:
     """The rotated part of each head (megatron and HF: int(head_dim * rotary_percent))."""
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    return int(head_dim * m.rotary_percent)
+    return int(m.head_dim * m.rotary_percent)
 
 
 def rope_frequencies(m: ModelConfig) -> tuple[Tensor, float]:
@@ -124,31 +125,6 @@ def _yarn_attention_scaling(factor: float, attention_factor: float | None) -> fl
     return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
-# -- attention scaling ---------------------------------------------------------------------------------------
-def set_attention_scaling(config, scaling: float) -> None:
-    """Make megatron's attention multiply cos and sin by `scaling`, as HF does (only the rotated dimensions).
-
-    megatron's Attention (transformer/attention.py, both apply_rotary_pos_emb calls) passes
-    mscale=_yarn_get_concentration_factor_from_config(config) into the rotation, which multiplies cos and sin;
-    that function reads three YaRN fields that only MLA's config declares, and returns
-    get_mscale(f, mscale) / get_mscale(f, mscale_all_dim) with get_mscale(f, m) = 0.1 * m * ln(f) + 1.
-    With f = e and mscale_all_dim = 0 that is 0.1 * mscale + 1: any scaling can be written in it. Nothing
-    else in megatron-core reads these fields for a 'rope' GPTModel. A scaling of 1 sets nothing.
-    """
-    if scaling == 1.0:
-        return
-    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
-        _yarn_get_concentration_factor_from_config,
-    )
-
-    config.yarn_rotary_scaling_factor = math.e
-    config.yarn_mscale = (scaling - 1.0) / 0.1
-    config.yarn_mscale_all_dim = 0.0
-    got = _yarn_get_concentration_factor_from_config(config)
-    if not math.isclose(got, scaling, rel_tol=1e-12):
-        raise AssertionError(f"megatron reads attention scaling {got}, expected {scaling}")
-
-
 # -- per-token rotary embedding ------------------------------------------------------------------------------
 def rotary_embedding_at(inv_freq: Tensor, position_ids: Tensor, interleaved: bool) -> Tensor:
     """Rotation angles for position_ids [b, s] as megatron's attention takes them: [s, b, 1, rotary_dim].
@@ -165,7 +141,8 @@ def rotary_embedding_at(inv_freq: Tensor, position_ids: Tensor, interleaved: boo
 
 
 class GPTModelWithPositions(GPTModel):
-    """megatron's GPTModel with HF-exact RoPE frequencies and RoPE at explicit position ids.
+    """megatron's GPTModel with HF-exact RoPE frequencies and RoPE at explicit position ids (overrides the private
+    `_preprocess` of megatron-core 0.16: listed in megatron_compat.py, with canaries).
 
     forward(..., position_ids=P): token t of the packed row is rotated by P[0, t] (THD: P is [1, T] over the
     whole packed row, T = cu_seqlens[-1]; SBHD: P is [b, s]). position_ids=None keeps megatron's own RoPE:
@@ -175,7 +152,7 @@ class GPTModelWithPositions(GPTModel):
 
     def __init__(self, config, *args, rope_model: ModelConfig, **kwargs):
         inv_freq, scaling = rope_frequencies(rope_model)
-        set_attention_scaling(config, scaling)  # before the layers are built: they all read this config
+        megatron_compat.set_rope_attention_scaling(config, scaling)  # before the layers read this config
         super().__init__(config, *args, **kwargs)
         rotary = self.rotary_pos_emb
         if rotary.inv_freq.shape != inv_freq.shape:

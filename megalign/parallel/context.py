@@ -13,6 +13,8 @@ causal attention no real token ever sees it; padded positions carry no loss weig
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -102,3 +104,28 @@ def attention_segments(padded: np.ndarray, cp: int, rank: int) -> tuple[np.ndarr
     cu_q = np.concatenate([[0], np.cumsum(q_sizes)]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum(k_sizes)]).astype(np.int32)
     return cu_q, cu_k, (np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What rank r's attention needs for one micro-batch, the same for every layer: `keys` indexes its keys in the
+    K/V gathered from all CP ranks (rank 0's rows, then rank 1's, ...), segment after segment; `cu_q`/`cu_k` and
+    `max_q`/`max_k` are the varlen segments (see attention_segments). Built on the host with the batch, so that
+    attention never reads cu_seqlens back from the device (a GPU sync)."""
+
+    keys: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    def to(self, device) -> "AttentionPlan":
+        return AttentionPlan(*(x.to(device, non_blocking=True) for x in (self.keys, self.cu_q, self.cu_k)),
+                             self.max_q, self.max_k)
+
+
+def attention_plan(padded: np.ndarray, cp: int, rank: int) -> AttentionPlan:
+    cu_q, cu_k, key_positions = attention_segments(padded, cp, rank)
+    keys = global_order(padded, cp)[key_positions]
+    return AttentionPlan(torch.from_numpy(keys), torch.from_numpy(cu_q), torch.from_numpy(cu_k),
+                         int(np.diff(cu_q).max()), int(np.diff(cu_k).max()))

@@ -2,8 +2,9 @@
 
 megatron-core has no CPU path; it asks CUDA for the current device, forks CUDA RNG states for tensor-parallel
 streams, allocates some buffers with device="cuda" and checks `tensor.type()` names. `enable()` maps each of
-those onto the CPU (see ../shared/notes/megatron-core-on-cpu.md for why each one is needed). This is the only
-module that knows about it; everything else is written as if for a GPU.
+those onto the CPU (docs/architecture.md, "Devices and the CPU mode", says why each one is needed). This module
+and its attention kernel (cpu_attention.py, handed out by parallel/setup.py) are the only ones that know about
+it; everything else is written as if for a GPU.
 """
 
 from __future__ import annotations
@@ -83,4 +84,8 @@ def enable() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.empty_cache = lambda: None
     _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled
 

@@ -1,4 +1,5 @@
-"""Process groups and devices: torch.distributed (NCCL on GPU, gloo on CPU) and megatron's parallel state."""
+"""Process groups and devices: torch.distributed (NCCL on GPU, gloo on CPU), megatron's parallel state, and the
+`Runtime` that says where this process computes (the only place that decides between GPU and CPU)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes: its place in the layout, the device of its tensors, the device of
+    tensors that take part in collectives (NCCL wants them on the GPU, gloo on the CPU) and the parameter dtype
+    (bf16 on GPU, fp32 in the CPU mode)."""
+
+    layout: Layout
+    device: torch.device
+    comm_device: torch.device
+    params_dtype: torch.dtype
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -44,8 +61,10 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def initialize(cfg: Config, device: str) -> Layout:
-    """Start torch.distributed (a single process works without torchrun) and megatron's groups."""
+def initialize(cfg: Config, device: str | None = None) -> Runtime:
+    """Start torch.distributed (a single process works without torchrun) and megatron's groups; the runtime.
+    `device`: cpu or cuda (None: run.device)."""
+    device = resolve_device(device or cfg.run.device)
     if device == "cpu":
         from megalign.parallel import cpu
 
@@ -67,7 +86,12 @@ def initialize(cfg: Config, device: str) -> Layout:
     # across TP ranks (dropout inside TP regions), as megatron means it to.
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.training.seed)
     torch.manual_seed(cfg.training.seed)
-    return current_layout()
+    if device == "cpu":
+        here = comm = torch.device("cpu")
+    else:
+        here = comm = torch.device("cuda", torch.cuda.current_device())
+    return Runtime(layout=current_layout(), device=here, comm_device=comm,
+                   params_dtype=torch.float32 if device == "cpu" else torch.bfloat16)
 
 
 def current_layout() -> Layout:
@@ -83,6 +107,14 @@ def current_layout() -> Layout:
         dp_rank=parallel_state.get_data_parallel_rank(),
         cp_rank=parallel_state.get_context_parallel_rank(),
     )
+
+
+def chunk_attention_kernel():
+    """An exact kernel for a context-parallel chunk's attention (its queries against its sample's keys up to the
+    chunk's end) that this process's device mode provides, or None: the CPU mode's (parallel/cpu_attention.py)."""
+    from megalign.parallel import cpu, cpu_attention
+
+    return cpu_attention.chunk_attention if cpu.is_enabled() and cpu_attention.AVAILABLE else None
 
 
 def shutdown() -> None:

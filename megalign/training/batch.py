@@ -2,58 +2,70 @@
 
   tokens[t]        the pack's token ids
   labels[t]        the next token inside the same sample (a sample's last token has no target)
-  loss_weight[t]   the LongAlign weight of token t's target (0 where it is not a target; see loss.py)
+  loss             what the objective needs (training/objective.py), e.g. sft's per-token weights and the count
   position_ids[t]  0, 1, ... restarting at every sample, or the positions given (SkipAlign: data/positions.py)
   cu_seqlens[n+1]  sample boundaries; max_seqlen is the longest SINGLE sample (megatron's THD RoPE switches to
                    global positions when it equals the packed length)
 
 Under context parallelism (`context_parallel_share`) a rank holds its chunks of every sample (see
-parallel/context.py): tokens, labels and loss weights are its share; cu_seqlens stay those of the whole row,
-with cu_seqlens_padded for the padded row, and position_ids cover the whole padded row (megatron cuts RoPE's
-angles per rank itself). The count goes to CP rank 0 only: megatron sums counts over the CP group.
+parallel/context.py): tokens, labels and per-token loss inputs are its share; cu_seqlens stay those of the whole
+row, with cu_seqlens_padded for the padded row, position_ids cover the whole padded row (megatron cuts RoPE's
+angles per rank itself), and the attention plan is computed here, on the host. The count goes to CP rank 0
+only: megatron sums counts over the CP group.
+
+`BatchBuilder` is the pure function from a pack reference to this rank's micro-batch that the trainer uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
+from megalign.config import DataConfig
 from megalign.data.packed_dataset import Pack
-from megalign.data.positions import contiguous_positions
+from megalign.data.positions import contiguous_positions, pack_positions
+from megalign.data.sampler import PackRef
+from megalign.data.source import PackSource
+from megalign.model.attention import ThdParams
 from megalign.parallel import context
-from megalign.training.loss import token_weights
+from megalign.training.objective import LossInputs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     tokens: torch.Tensor
     labels: torch.Tensor
-    loss_weight: torch.Tensor
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    count: torch.Tensor  # sequences / target tokens / packs, by loss mode
+    loss: LossInputs
     num_targets: int
     cu_seqlens_padded: torch.Tensor | None = None  # context parallelism: samples padded to a multiple of 2*cp
+    cp_plan: context.AttentionPlan | None = None  # context parallelism: this rank's attention plan
 
-    def packed_seq_params(self) -> PackedSeqParams:
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+    def packed_seq_params(self) -> ThdParams:
+        return ThdParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                         cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
+                         max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen, cp_plan=self.cp_plan)
 
     def to(self, device) -> "Batch":
-        move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.tokens), move(self.labels), move(self.loss_weight), move(self.position_ids),
-                     move(self.cu_seqlens), self.max_seqlen, move(self.count), self.num_targets,
-                     move(self.cu_seqlens_padded))
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=True)
+
+        loss = LossInputs({k: move(v) for k, v in self.loss.per_token.items()}, move(self.loss.count))
+        return dataclasses.replace(self, tokens=move(self.tokens), labels=move(self.labels),
+                                   position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens),
+                                   loss=loss, cu_seqlens_padded=move(self.cu_seqlens_padded),
+                                   cp_plan=None if self.cp_plan is None else self.cp_plan.to(device))
 
 
-def thd_batch(pack: Pack, loss_mode: str, positions: np.ndarray | None = None) -> Batch:
-    """`positions`: the pack's position ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per
-    sample."""
+def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Batch:
+    """The whole pack as one micro-batch for `objective` (training/objective.py). `positions`: the pack's position
+    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample."""
     lengths = np.asarray(pack.lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tokens = pack.tokens.astype(np.int64)
@@ -62,7 +74,6 @@ def thd_batch(pack: Pack, loss_mode: str, positions: np.ndarray | None = None) -
     labels[last] = 0
     targets = np.roll(pack.loss_mask.astype(np.float64), -1)
     targets[last] = 0.0
-    weights, count = token_weights(targets, lengths, loss_mode)
     if positions is None:
         positions = contiguous_positions(lengths)
     elif np.shape(positions) != tokens.shape:
@@ -73,18 +84,17 @@ def thd_batch(pack: Pack, loss_mode: str, positions: np.ndarray | None = None) -
     return Batch(
         tokens=torch.from_numpy(tokens),
         labels=torch.from_numpy(labels),
-        loss_weight=torch.from_numpy(weights.astype(np.float32)),
         position_ids=torch.from_numpy(positions),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(lengths.max()),
-        count=torch.tensor(count, dtype=torch.int),
+        loss=objective.loss_inputs(targets, lengths),
         num_targets=int(targets.sum()),
     )
 
 
 def context_parallel_share(batch: Batch, cp: int, rank: int) -> Batch:
-    """Rank `rank`'s share of a whole-row batch under context parallelism of size `cp` (weights and counts come
-    from the whole row, so the global loss is the CP=1 loss)."""
+    """Rank `rank`'s share of a whole-row batch under context parallelism of size `cp` (loss inputs and counts
+    come from the whole row, so the global loss is the CP=1 loss), with its attention plan."""
     lengths = np.diff(batch.cu_seqlens.numpy()).astype(np.int64)
     padded = context.padded_lengths(lengths, cp)
     source = context.padding_index(lengths, cp)
@@ -101,14 +111,47 @@ def context_parallel_share(batch: Batch, cp: int, rank: int) -> Batch:
     offset = contiguous_positions(padded)  # each padded position's offset in its sample
     last_real = np.repeat(np.cumsum(lengths) - 1, padded)
     padded_positions = np.where(real, positions[from_row], positions[last_real] + offset - np.repeat(lengths, padded) + 1)
-    return Batch(
+    count = batch.loss.count if rank == 0 else torch.zeros_like(batch.loss.count)
+    return dataclasses.replace(
+        batch,
         tokens=share(batch.tokens),
         labels=share(batch.labels),
-        loss_weight=share(batch.loss_weight),
         position_ids=torch.from_numpy(padded_positions),
-        cu_seqlens=batch.cu_seqlens,
         max_seqlen=int(padded.max()),
-        count=batch.count if rank == 0 else torch.zeros_like(batch.count),
-        num_targets=batch.num_targets,
+        loss=LossInputs({k: share(v) for k, v in batch.loss.per_token.items()}, count),
         cu_seqlens_padded=torch.from_numpy(np.concatenate([[0], np.cumsum(padded)]).astype(np.int32)),
+        cp_plan=context.attention_plan(padded, cp, rank),
     )
+
+
+@dataclass(frozen=True)
+class BatchBuilder:
+    """Pack reference -> this rank's micro-batch, on the host: a pure function of the reference (the same on every
+    call, rank and resume). `data` gives the positions (data.positions and the SkipAlign keys); `max_positions`
+    is the SkipAlign window when data.skipalign_window is unset (model.max_position_embeddings)."""
+
+    datasets: Sequence[PackSource]
+    data: DataConfig
+    objective: object
+    seed: int
+    max_positions: int
+    cp: int = 1
+    cp_rank: int = 0
+
+    def build(self, ref: PackRef) -> Batch:
+        pack, d = self.datasets[ref.dataset][ref.pack], self.data
+        # positions of the whole row, before the CP split (which keeps the whole padded row's positions)
+        positions = pack_positions(pack, d.positions, d.skipalign_window or self.max_positions,
+                                   d.skipalign_fraction, self.seed, ref.dataset, ref.pack, ref.epoch)
+        batch = thd_batch(pack, self.objective, positions)
+        if self.cp > 1:
+            batch = context_parallel_share(batch, self.cp, self.cp_rank)
+        return batch
+
+    def sequence_lengths(self, refs: Sequence[PackRef]) -> list[int]:
+        """The lengths of every sample in the packs `refs`, in order."""
+        return [int(n) for r in refs for n in self.datasets[r.dataset].pack_sample_lengths(r.pack)]
+
+    def replace(self, **changes) -> "BatchBuilder":
+        """The same builder with other parts: e.g. .replace(objective=SFT("token")) or other datasets."""
+        return dataclasses.replace(self, **changes)

@@ -1,17 +1,27 @@
 """The run: steps, per-step metrics, console/progress output, periodic checkpoints, preemption, the final
-checkpoint."""
+checkpoint, and how it ended (training/status.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from megalign.checkpoint.preemption import PreemptionWatch
 from megalign.training.metrics import MetricsLogger
+from megalign.training.status import RunStatus
 from megalign.training.trainer import StepResult, Trainer
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    status: RunStatus
+    step: int
+    reason: str
+    records: list
 
 
 def metrics_record(r: StepResult, world_size: int) -> dict:
@@ -22,13 +32,14 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
     }
 
 
-def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
+def train(trainer: Trainer, log: logging.Logger) -> RunEnd:
     cfg, layout = trainer.cfg, trainer.layout
     speaker = layout.rank == 0
     metrics = MetricsLogger(cfg, enabled=speaker, resumed_at=trainer.saved_step)
     out = Path(cfg.run.output_dir)
     log.info(f"megalign: {layout.world_size} processes (tp {layout.tp}, pp {layout.pp}, cp {layout.cp}, "
-             f"dp {layout.dp}) on {trainer.device}, attention {trainer.attention_backend}, loss {cfg.training.loss}, "
+             f"dp {layout.dp}) on {trainer.runtime.device.type}, attention {trainer.attention_backend}, "
+             f"objective {trainer.objective.name} ({cfg.training.loss}), "
              f"{sum(len(d) for d in trainer.datasets)} packs, global batch {cfg.training.global_batch}")
     if trainer.started_from:
         log.info(trainer.started_from)
@@ -36,10 +47,10 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
     preempted = None
     bar = tqdm(total=cfg.training.steps, initial=trainer.step, desc="train",
                disable=not (speaker and cfg.run.progress), leave=False)
-    watch = PreemptionWatch(trainer.comm_device())
+    watch = PreemptionWatch(trainer.runtime.comm_device)
+    last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)
     try:
         with watch:
-            last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)
             while trainer.step < last_step:
                 result = trainer.train_step()
                 _report(result, cfg, layout, metrics, bar, records, log)
@@ -63,7 +74,11 @@ def train(trainer: Trainer, log: logging.Logger) -> list[dict]:
         log.info(f"loss {records[0]['loss']:.4f} at step {records[0]['step']} -> {records[-1]['loss']:.4f} at step "
                  f"{records[-1]['step']} (mean of the last {len(tail)} steps {sum(tail) / len(tail):.4f})")
     log.info(f"metrics: {out / 'metrics.jsonl'}; log: {out / 'train.log'}; tensorboard: {out / 'tensorboard'}")
-    return records
+    if preempted:
+        return RunEnd(RunStatus.STOPPED, trainer.step, f"stopped by {preempted}", records)
+    if trainer.step < cfg.training.steps:
+        return RunEnd(RunStatus.PAUSED, trainer.step, f"run.stop_at_step={cfg.run.stop_at_step}", records)
+    return RunEnd(RunStatus.FINISHED, trainer.step, f"training.steps={cfg.training.steps}", records)
 
 
 def _save(trainer: Trainer, log: logging.Logger) -> None:

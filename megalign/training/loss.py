@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-LOSS_MODES = ("sequence", "token", "pack")
+from megalign.config import LOSS_MODES
 
 
 def token_weights(targets: np.ndarray, lengths: np.ndarray, mode: str) -> tuple[np.ndarray, int]:

@@ -92,7 +92,6 @@ def run_case(case: str, work: Path) -> dict:
     from megalign.checkpoint import load_weights
     from megalign.convert import export_hf, import_hf
     from megalign.convert.convert import build_full_model, forward_logits
-    from megalign.model.build import padded_vocab_size
 
     base = work / case
     hf_dir, imported, exported = base / "hf", base / "imported", base / "exported"
@@ -105,7 +104,7 @@ def run_case(case: str, work: Path) -> dict:
     summary = import_hf(hf_dir, imported)
     model_cfg = summary["model"]
     model = build_full_model(model_cfg, torch.float32)
-    load_weights(model, imported, model_cfg, padded_vocab_size(model_cfg))
+    load_weights(model, imported, model_cfg)
     ours = forward_logits(model, tokens, SHAPE["vocab_size"])
 
     _, _, _, export_shard = CASES[case]

@@ -3,6 +3,7 @@ and (on CUDA) every installed GPU backend against sdpa."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -92,12 +93,12 @@ def test_gpu_backend_context_parallel_chunks_match_sdpa(backend):
     keys, causal aligned bottom-right) through each varlen kernel, against sdpa."""
     if backend not in available_backends():
         pytest.skip(f"{backend} is not installed")
-    from megalign.model.attention import _cp_plan
+    from megalign.parallel.context import attention_plan
 
     g = torch.Generator().manual_seed(1)
     cp, padded = 2, [8, 4, 12]  # sample lengths padded to multiples of 2*cp
-    cu = [0, 8, 12, 24]
-    keys, cu_q, cu_k, max_q, max_k = _cp_plan(tuple(cu), cp, 1)
+    plan = attention_plan(np.array(padded), cp, 1)
+    keys, cu_q, cu_k, max_q, max_k = plan.keys, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k
     q = torch.randn(int(cu_q[-1]), HEADS, DIM, generator=g)
     k, v = (torch.randn(sum(padded), GROUPS, DIM, generator=g)[keys] for _ in range(2))
     cfg = config()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from megalign.data.packed_dataset import Pack
-from megalign.model.attention import SDPAAttention, _cp_plan
+from megalign.model.attention import SDPAAttention
+from megalign.parallel.cpu_attention import chunk_attention
 from megalign.parallel import context
 from megalign.training.batch import context_parallel_share, thd_batch
 
@@ -95,10 +96,11 @@ def test_cp_attention_equals_causal_attention_of_the_row(kv_heads):
     reference_grads = grads([(reference, slice(None))])
     shares = [context.rank_index(padded, cp, r) for r in range(cp)]
     gathered_k, gathered_v = torch.cat([k[s] for s in shares]), torch.cat([v[s] for s in shares])
-    attention = SimpleNamespace(softmax_scale=dim ** -0.5)
+    attention = SimpleNamespace(softmax_scale=dim ** -0.5, chunk_kernel=chunk_attention)  # the CPU mode's kernel
     outputs = []
     for rank in range(cp):
-        keys, cu_q, cu_k, max_q, max_k = _cp_plan(tuple(cu.tolist()), cp, rank)
+        plan = context.attention_plan(np.diff(cu), cp, rank)
+        keys, cu_q, cu_k, max_q, max_k = plan.keys, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k
         out = SDPAAttention.attend(attention, q[shares[rank]], gathered_k[keys], gathered_v[keys], cu_q, cu_k,
                                    max_q, max_k, 0.0)
         assert torch.allclose(out, reference[shares[rank]], atol=1e-10)

@@ -47,6 +47,7 @@ def packed_vs_separate(trainer) -> dict:
 
     from megalign.data.packed_dataset import Pack
     from megalign.training.batch import thd_batch
+    from megalign.training.objective import SFT
 
     model = trainer.model.module
     ds = trainer.datasets[0]
@@ -54,13 +55,14 @@ def packed_vs_separate(trainer) -> dict:
     pack = ds[k]
 
     def losses_and_grads(p: Pack):
-        batch = thd_batch(p, "token")
+        batch = thd_batch(p, SFT("token"))
+        weight = batch.loss.per_token["weight"]
         trainer.model.zero_grad_buffer()  # DDP's hooks accumulate gradients into main_grad
         out = model(input_ids=batch.tokens[None], position_ids=batch.position_ids[None], attention_mask=None,
                     labels=batch.labels[None], packed_seq_params=batch.packed_seq_params()).reshape(-1)
-        (out * batch.loss_weight).sum().backward()
+        (out * weight).sum().backward()
         grads = {n: q.main_grad.detach().clone() for n, q in model.named_parameters()}
-        return (out * batch.loss_weight).detach(), grads
+        return (out * weight).detach(), grads
 
     packed_losses, packed_grads = losses_and_grads(pack)
     bounds = np.concatenate([[0], np.cumsum(pack.lengths)])
@@ -78,23 +80,12 @@ def packed_vs_separate(trainer) -> dict:
             "loss_max": float(packed_losses.abs().max()), "grad_max_abs_diff": grad_diff, "grad_max": grad_scale}
 
 
-def loss_and_grad_norm(trainer, refs) -> dict:
+def loss_and_grad_norm(trainer, refs, batches=None) -> dict:
     """What train_step reports for the packs `refs`, without the update (the weights and optimizer stay as they
-    are): the same forward-backward, then the gradient norm the optimizer step would compute."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    micro_batches = [trainer._micro_batch(r) for r in trainer.sampler.rank_share(refs, trainer.layout.dp_rank)]
-    trainer.model.zero_grad_buffer()
-    trainer.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=trainer._forward_step, data_iterator=iter(micro_batches), model=[trainer.model],
-        num_microbatches=len(micro_batches), seq_length=max(len(b.tokens) for b in micro_batches),
-        micro_batch_size=1, forward_only=False)
-    trainer.optimizer.prepare_grads()
-    grad_norm = float(trainer.optimizer.get_grad_norm())
-    loss = trainer._global_loss(reports)
-    trainer.model.zero_grad_buffer()
-    trainer.optimizer.zero_grad()
+    are): the trainer's own forward_backward, then the gradient norm the optimizer step would compute."""
+    loss = trainer.forward_backward(refs, batches=batches)["loss"]
+    grad_norm = trainer.gradient_norm()
+    trainer.zero_grad()
     return {"loss": loss, "grad_norm": grad_norm}
 
 
@@ -103,62 +94,63 @@ def skipalign_check(trainer, sharpen: float = 16.0) -> dict:
     will see them), then with the query/key/value weights scaled by `sharpen` (a power of 2: undone exactly) so
     that attention, nearly uniform at initialization, depends on positions: contiguous again, SkipAlign with zero
     skips (skipalign_fraction=0) and SkipAlign over a 4096 window."""
+    import dataclasses
+
     import torch
 
-    d = trainer.cfg.data
-    trainer.cfg.training.loss = "sequence"
+    from megalign.training.objective import SFT
+
+    sequence = trainer.batches.replace(objective=SFT("sequence"))
+
+    def positions(**keys):
+        return sequence.replace(data=dataclasses.replace(trainer.cfg.data, **keys))
+
     refs = trainer.sampler.packs_at(trainer.sampler.consumed, trainer.sampler.global_batch)
-    result = {"first_step": loss_and_grad_norm(trainer, refs)}
+    result = {"first_step": loss_and_grad_norm(trainer, refs, sequence)}
     qkv = [p for n, p in trainer.model.module.named_parameters() if n.endswith("linear_qkv.weight")]
     with torch.no_grad():
         for p in qkv:
             p.mul_(sharpen)
-    result["contiguous"] = loss_and_grad_norm(trainer, refs)
-    d.positions, d.skipalign_window, d.skipalign_fraction = "skipalign", 4096, 0.0
-    result["zero_skips"] = loss_and_grad_norm(trainer, refs)
-    d.skipalign_fraction = 1.0
-    result["skipalign"] = loss_and_grad_norm(trainer, refs)
-    d.positions = "contiguous"
+    result["contiguous"] = loss_and_grad_norm(trainer, refs, sequence)
+    result["zero_skips"] = loss_and_grad_norm(
+        trainer, refs, positions(positions="skipalign", skipalign_window=4096, skipalign_fraction=0.0))
+    result["skipalign"] = loss_and_grad_norm(
+        trainer, refs, positions(positions="skipalign", skipalign_window=4096, skipalign_fraction=1.0))
     with torch.no_grad():
         for p in qkv:
             p.div_(sharpen)
     return result
 
 
-class ShortSamples:
+SHORT_LENGTHS = ([1, 3, 6, 11, 301], [2, 5, 7, 9, 97])
+
+
+def short_samples(vocab: int, seed: int = 7):
     """Two packs with samples of awkward lengths for context parallelism: not multiples of 2*cp, and shorter than
     2*cp (a CP rank then holds nothing but padding of that sample)."""
+    import numpy as np
 
-    LENGTHS = ([1, 3, 6, 11, 301], [2, 5, 7, 9, 97])
+    from megalign.data.packed_dataset import Pack
+    from megalign.data.source import InMemoryPacks
 
-    def __init__(self, vocab: int, seed: int = 7):
-        import numpy as np
-
-        from megalign.data.packed_dataset import Pack
-
-        rng = np.random.default_rng(seed)
-        self.packs = []
-        for lengths in self.LENGTHS:
-            n = sum(lengths)
-            mask = (rng.random(n) < 0.7).astype(np.uint8)
-            self.packs.append(Pack(rng.integers(0, vocab, n), mask, np.array(lengths)))
-        self.sample_lengths = np.concatenate([np.array(x) for x in self.LENGTHS])
-        self.pack_boundaries = np.cumsum([0] + [len(x) for x in self.LENGTHS])
-
-    def __len__(self):
-        return len(self.packs)
-
-    def __getitem__(self, i):
-        return self.packs[i]
+    rng = np.random.default_rng(seed)
+    packs = []
+    for lengths in SHORT_LENGTHS:
+        n = sum(lengths)
+        mask = (rng.random(n) < 0.7).astype(np.uint8)
+        packs.append(Pack(rng.integers(0, vocab, n), mask, np.array(lengths)))
+    return InMemoryPacks(packs, vocab_size=vocab, name="short-samples")
 
 
 def short_samples_step(trainer) -> dict:
-    from megalign.data.sampler import PackSampler
+    """A second trainer, built from in-memory packs on the first one's runtime: one step over both packs."""
+    from megalign.config import updated
+    from megalign.training.trainer import Trainer
 
-    trainer.datasets = [ShortSamples(trainer.cfg.model.vocab_size)]
-    trainer.sampler = PackSampler([2], None, 2, trainer.layout.dp, 0)
-    trainer.cfg.training.loss = "sequence"
-    r = trainer.train_step()
+    cfg = updated(trainer.cfg, training={"global_batch": 2, "loss": "sequence", "seed": 0},
+                  checkpoint={"resume": False})
+    other = Trainer(cfg, datasets=[short_samples(trainer.cfg.model.vocab_size)], runtime=trainer.runtime)
+    r = other.train_step()
     return {"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences}
 
 
@@ -168,6 +160,7 @@ def main():
 
     from megalign.config import load_config, validate
     from megalign.parallel.setup import shutdown, world_size_from_env
+    from megalign.training.objective import SFT
     from megalign.training.trainer import Trainer
 
     cfg = load_config(None, overrides)
@@ -179,12 +172,11 @@ def main():
 
         result["packed_vs_separate"] = packed_vs_separate(trainer)
         result["parameters"] = {"built": sum(p.numel() for p in trainer.model.module.parameters()),
-                                "counted": parameter_count(cfg.model, trainer.padded_vocab)}
+                                "counted": parameter_count(trainer.cfg.model, trainer.cfg.model.padded_vocab_size)}
     result["skipalign"] = skipalign_check(trainer)
     result["steps"] = []
     for mode in ("sequence", "token", "pack"):
-        trainer.cfg.training.loss = mode
-        r = trainer.train_step()
+        r = trainer.train_step(trainer.batches.replace(objective=SFT(mode)))
         result["steps"].append({"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences})
     result["short_samples"] = short_samples_step(trainer)
     if dist.get_rank() == 0:
