@@ -33,7 +33,6 @@ def make_dataset(workdir: str) -> str:
 
 
 def measure(prefix: str, workdir: str, overrides: list[str], repeats: int) -> dict:
-    from megalign.checkpoint import load_training
     from megalign.config import load_config, validate
     from megalign.model.arithmetic import parameter_count
     from megalign.training.trainer import Trainer
@@ -48,15 +47,15 @@ def measure(prefix: str, workdir: str, overrides: list[str], repeats: int) -> di
     trainer.train_step()  # Adam state exists
     saves, loads, size = [], [], 0
     for _ in range(repeats):
-        trainer.step += 1
+        trainer.step += 1  # a new step directory each time
         started = time.perf_counter()
         path = trainer.save_checkpoint()
         saves.append(time.perf_counter() - started)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         started = time.perf_counter()
-        load_training(trainer, path)
+        trainer.load_checkpoint(path)
         loads.append(time.perf_counter() - started)
-    params = parameter_count(cfg.model, cfg.model.padded_vocab_size)
+    params = parameter_count(trainer.cfg.model, trainer.cfg.model.padded_vocab_size)
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()  # the next size builds its own groups

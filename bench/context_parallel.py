@@ -56,32 +56,23 @@ class PeakMemory:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-class OneLongSample:
+def one_long_sample(length: int, vocab: int, packs: int):
     """Packs of a single sample of `length` random tokens, all of them targets."""
+    import numpy as np
 
-    def __init__(self, length: int, vocab: int, packs: int):
-        import numpy as np
+    from megalign.data.packed_dataset import Pack
+    from megalign.data.source import InMemoryPacks
 
-        from megalign.data.packed_dataset import Pack
-
-        rng = np.random.default_rng(0)
-        self.packs = [Pack(rng.integers(0, vocab, length), np.ones(length, np.uint8), np.array([length]))
-                      for _ in range(packs)]
-        self.sample_lengths = np.full(packs, length)
-        self.pack_boundaries = np.arange(packs + 1)
-
-    def __len__(self):
-        return len(self.packs)
-
-    def __getitem__(self, i):
-        return self.packs[i]
+    rng = np.random.default_rng(0)
+    return InMemoryPacks([Pack(rng.integers(0, vocab, length), np.ones(length, np.uint8), np.array([length]))
+                          for _ in range(packs)], vocab_size=vocab, name=f"one-long-sample-{length}")
 
 
 def worker(args) -> None:
     import torch.distributed as dist
 
     from megalign.config import load_config, validate
-    from megalign.data.sampler import PackSampler
+    from megalign.data.packed_dataset import PackedDataset
     from megalign.parallel.setup import shutdown, world_size_from_env
     from megalign.training.trainer import Trainer
 
@@ -90,9 +81,8 @@ def worker(args) -> None:
         f"model.max_position_embeddings={args.max_positions}", "training.global_batch=1", "checkpoint.save_at_end=false",
         f"run.output_dir={args.workdir}/run_cp{args.cp}", "checkpoint.resume=false"])
     validate(cfg, world_size_from_env())
-    trainer = Trainer(cfg)
-    trainer.datasets = [OneLongSample(args.length, cfg.model.vocab_size, args.steps + 1)]
-    trainer.sampler = PackSampler([args.steps + 1], None, 1, trainer.layout.dp, 0)
+    vocab = PackedDataset(args.data, verify="none").vocab_size  # the example tokenizer's
+    trainer = Trainer(cfg, datasets=[one_long_sample(args.length, vocab, args.steps + 1)])
     trainer.train_step()  # warm-up: allocator, optimizer state
     records = []
     for _ in range(args.steps):

@@ -54,7 +54,7 @@ def run_thd(model, batch, whole_pack: bool):
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
     out = model(input_ids=batch.tokens[None], position_ids=batch.position_ids[None], attention_mask=None,
                 labels=batch.labels[None], packed_seq_params=params)
-    (out.reshape(-1) * batch.loss_weight).sum().backward()
+    (out.reshape(-1) * batch.loss.per_token["weight"]).sum().backward()
 
 
 def run_padded(model, samples):
@@ -83,13 +83,14 @@ def main():
     args = p.parse_args()
 
     from megalign.training.batch import thd_batch
+    from megalign.training.objective import SFT
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer = build(make_dataset(workdir, args.seq_length))
         model = trainer.model.module
         ds = trainer.datasets[0]
         packs = [ds[k] for k in range(min(args.packs, len(ds)))]
-        batches = [thd_batch(pk, "sequence") for pk in packs]
+        batches = [thd_batch(pk, SFT("sequence")) for pk in packs]
         samples = []
         for pk in packs:
             bounds = np.concatenate([[0], np.cumsum(pk.lengths)])

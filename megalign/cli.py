@@ -35,7 +35,7 @@ class Parser(argparse.ArgumentParser):
         try:
             return function(*args, **kwargs)
         except OptionError as e:
-            fail(f"{self.flag(e.option)} {e.detail}")
+            fail(e.render(self.flag))
         except MegalignError as e:
             fail(str(e))
 

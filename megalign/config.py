@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 OBJECTIVES = ("sft",)  # training.objective (megalign/training/objective.py)
 LOSS_MODES = ("sequence", "token", "pack")  # training.loss: the sft objective's weighting (training/loss.py)
@@ -174,9 +174,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     try:
         layers = [OmegaConf.load(path)] if path else []
     except FileNotFoundError:
-        raise MegalignError(f"--config {path}: no such file") from None
+        raise OptionError("config", f"{path}: no such file") from None
     except Exception as e:  # YAML syntax errors
-        raise MegalignError(f"--config {path}: cannot parse: {str(e).splitlines()[0]}") from None
+        raise OptionError("config", f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise MegalignError(f"override {bad[0]!r} is not key=value (e.g. training.lr=1e-5)")

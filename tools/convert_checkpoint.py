@@ -11,24 +11,17 @@ Conversion runs in one CPU process and holds about one copy of the model in memo
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # Conversion is a CPU job (one process, the whole model): never touch the GPUs of the node it runs on.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (the full usage is one --help away)."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+from megalign.cli import Parser  # noqa: E402
 
 
-def parse(argv):
-    p = _Parser(prog="convert_checkpoint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def parser() -> Parser:
+    p = Parser(prog="convert_checkpoint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     i = sub.add_parser("import", help="HF model directory -> megalign weights checkpoint")
     i.add_argument("--hf", required=True, metavar="DIR", help="HF model directory (config.json + safetensors)")
     i.add_argument("--out", required=True, metavar="ROOT", help="checkpoint root to write (ROOT/step_0000000, "
@@ -55,46 +48,45 @@ def parse(argv):
                    help="dtype of the safetensors (default: the checkpoint's)")
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB; e.g. 500MB, 2GiB)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None):
-    args = parse(argv)
-    # notices from megatron-core and torch about optional packages and their own deprecations: noise here
-    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    ".*is deprecated. Please use", "full scope is deprecated", "`load_state_dict` is deprecated",
-                    "Please use DTensor instead"):
-        warnings.filterwarnings("ignore", message=message)
-    from megalign.convert import export_hf, import_hf
-    from megalign.errors import MegalignError
+    p = parser()
+    args = p.parse_args(argv)
+    from megalign.megatron_compat import quiet_known_warnings
 
+    quiet_known_warnings()
     try:
-        if args.command == "import":
-            r = import_hf(args.hf, args.out, dtype=args.dtype, max_position_embeddings=args.max_position_embeddings,
-                          overwrite=args.overwrite)
-            print(f"imported {args.hf} ({r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters, {r['dtype']}, "
-                  f"vocab {r['vocab_size']} padded to {r['padded_vocab_size']}) in {r['seconds']:.1f} s")
-            if r["ignored"]:
-                print(f"  ignored (no weights of their own): {', '.join(r['ignored'])}")
-            print(f"  checkpoint: {r['checkpoint']} (loads at any TP/PP/DP)")
-            print(f"  model config: {r['model_yaml']}; tokenizer and config.json: {args.out}/hf")
-            print(f"  train from it: python -m megalign.train --config {r['model_yaml']} data.path=PREFIX "
-                  f"checkpoint.init_from={args.out}")
-        else:
-            r = export_hf(args.checkpoint, args.out, architecture=args.architecture, dtype=args.dtype,
-                          hf_config=args.hf_config, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite)
-            print(f"exported {r['checkpoint']} ({r['kind']} checkpoint, step {r['step']}) as {r['architecture']} "
-                  f"({r['dtype']}, {r['bytes'] / 1e6:.1f} MB) to {r['out']} in {r['seconds']:.1f} s")
-            print(f"  files: {', '.join(r['files'])}")
-    except MegalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        p.call(convert, args)
     finally:
         if "megatron.core" in sys.modules:  # a process group was started
             from megalign.parallel.setup import shutdown
 
             shutdown()
+
+
+def convert(args) -> None:
+    from megalign.convert import export_hf, import_hf
+
+    if args.command == "import":
+        r = import_hf(args.hf, args.out, dtype=args.dtype, max_position_embeddings=args.max_position_embeddings,
+                      overwrite=args.overwrite)
+        print(f"imported {args.hf} ({r['architecture']}, {r['parameters'] / 1e6:.1f}M parameters, {r['dtype']}, "
+              f"vocab {r['vocab_size']} padded to {r['padded_vocab_size']}) in {r['seconds']:.1f} s")
+        if r["ignored"]:
+            print(f"  ignored (no weights of their own): {', '.join(r['ignored'])}")
+        print(f"  checkpoint: {r['checkpoint']} (loads at any TP/PP/DP)")
+        print(f"  model config: {r['model_yaml']}; tokenizer and config.json: {args.out}/hf")
+        print(f"  train from it: python -m megalign.train --config {r['model_yaml']} data.path=PREFIX "
+              f"checkpoint.init_from={args.out}")
+    else:
+        r = export_hf(args.checkpoint, args.out, architecture=args.architecture, dtype=args.dtype,
+                      hf_config=args.hf_config, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+                      overwrite=args.overwrite)
+        print(f"exported {r['checkpoint']} ({r['kind']} checkpoint, step {r['step']}) as {r['architecture']} "
+              f"({r['dtype']}, {r['bytes'] / 1e6:.1f} MB) to {r['out']} in {r['seconds']:.1f} s")
+        print(f"  files: {', '.join(r['files'])}")
 
 
 if __name__ == "__main__":

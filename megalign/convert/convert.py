@@ -22,10 +22,10 @@ from megalign.config import Config, ModelConfig
 from megalign.convert import hf_config as hfc
 from megalign.convert.hf_weights import Coverage, Piece, ignorable, megatron_parameters, plan
 from megalign.convert.safetensors_io import DTYPE_NAMES, SafetensorsReader, ShardedWriter, parse_size
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# files of a HF model directory that are not weights: kept with an import, copied into an export by --tokenizer
+# files of a HF model directory that are not weights: kept with an import, copied into an export (`tokenizer`)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "tokenizer.tiktoken", "generation_config.json")
@@ -85,7 +85,7 @@ def check_model_rules(model_cfg: ModelConfig, source: str) -> None:
 def _import_dtype(requested: str, dtypes: set[str]) -> torch.dtype:
     if requested != "auto":
         if requested not in ("float32", "bfloat16"):
-            raise MegalignError(f"--dtype {requested}: import stores float32 or bfloat16 (or auto)")
+            raise OptionError("dtype", f"{requested}: import stores float32 or bfloat16 (or auto)")
         return TORCH_DTYPES[requested]
     if dtypes == {"BF16"}:
         return torch.bfloat16
@@ -119,12 +119,13 @@ def _check_tensors(pieces: list[Piece], found: dict, model_cfg: ModelConfig, arc
 def _prepare_output(out: Path, overwrite: bool, what: str) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise MegalignError(f"{out} exists and is not empty; choose a new --out or pass --overwrite")
+            raise OptionError("out", f"{out} exists and is not empty; choose a new one or set {{overwrite}}",
+                              mentions=("overwrite",))
         looks_ours = (out / "config.json").is_file() if what == "export" else (
             (out / MODEL_YAML).is_file() or (out / "latest").is_file() or any(out.glob("step_*")))
         if not looks_ours:
-            raise MegalignError(f"--overwrite: {out} does not look like an earlier {what} (nothing removed); "
-                                "choose a new --out")
+            raise OptionError("overwrite", f"is set, but {out} does not look like an earlier {what} (nothing "
+                              "removed); choose a new {out}", mentions=("out",))
         shutil.rmtree(out)
 
 
@@ -207,7 +208,7 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
 def _export_architecture(requested: str, base: dict | None, source: dict, model_cfg: ModelConfig) -> str:
     if requested != "auto":
         if requested not in hfc.ARCHITECTURES:
-            raise MegalignError(f"--architecture {requested} is not supported; valid: auto, "
+            raise OptionError("architecture", f"{requested} is not supported; valid: auto, "
                                 + ", ".join(hfc.ARCHITECTURES))
         return requested
     if base is not None:
@@ -246,7 +247,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     elif dtype in TORCH_DTYPES:
         out_dtype = TORCH_DTYPES[dtype]
     else:
-        raise MegalignError(f"--dtype {dtype}: one of auto, {', '.join(TORCH_DTYPES)}")
+        raise OptionError("dtype", f"{dtype}: one of auto, {', '.join(TORCH_DTYPES)}")
     dtype_name = str(out_dtype).removeprefix("torch.")
     config = hfc.model_config_to_hf(model_cfg, arch, dtype_name, base)
     shard_bytes = parse_size(max_shard_size)
@@ -289,10 +290,10 @@ def _tokenizer_files(tokenizer: str | Path) -> list[Path]:
     if tokenizer.is_file():
         return [tokenizer]
     if not tokenizer.is_dir():
-        raise MegalignError(f"--tokenizer {tokenizer}: no such file or directory")
+        raise OptionError("tokenizer", f"{tokenizer}: no such file or directory")
     files = [tokenizer / name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
     if not files:
-        raise MegalignError(f"--tokenizer {tokenizer}: none of {', '.join(TOKENIZER_FILES[:4])} ... found")
+        raise OptionError("tokenizer", f"{tokenizer}: none of {', '.join(TOKENIZER_FILES[:4])} ... found")
     return files
 
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from megalign.config import ModelConfig
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 # architecture -> model_type, and the defaults of its transformers config class for keys a config.json may omit
 ARCHITECTURES: dict[str, str] = {
@@ -173,15 +173,17 @@ def hf_to_model_config(hf: dict, max_position_embeddings: int | None = None) -> 
     max_positions = hf_max
     if max_position_embeddings is not None:
         if max_position_embeddings > hf_max:
-            raise MegalignError(f"--max-position-embeddings {max_position_embeddings} is larger than config.json "
-                                f"max_position_embeddings={hf_max}")
+            raise OptionError("max_position_embeddings", f"{max_position_embeddings} is larger than config.json "
+                              f"max_position_embeddings={hf_max}")
         max_positions = max_position_embeddings
     window = _sliding_window_in_use(hf, model_type, d, layers)
     if window is not None and window < max_positions:
-        raise MegalignError(
-            f"config.json sliding_window={window} is in use and smaller than max_position_embeddings={max_positions}: "
-            f"megalign attends to the whole causal prefix; import with --max-position-embeddings {window} "
-            "(exact up to the window), or set sliding_window to null if the model was trained without it")
+        raise OptionError(
+            "max_position_embeddings",
+            f"is needed: config.json sliding_window={window} is in use and smaller than max_position_embeddings="
+            f"{max_positions}: megalign attends to the whole causal prefix; import with {{max_position_embeddings}} "
+            f"{window} (exact up to the window), or set sliding_window to null if the model was trained without it",
+            mentions=("max_position_embeddings",))
 
     params = _rope_parameters(hf, d)
     partial = float(params["partial_rotary_factor"])
@@ -239,7 +241,7 @@ def infer_architecture(m: ModelConfig) -> str:
 
 def _check_exportable(m: ModelConfig, arch: str) -> None:
     def refuse(why: str):
-        raise MegalignError(f"--architecture {arch}: {why}")
+        raise OptionError("architecture", f"{arch}: {why}")
 
     model_type = ARCHITECTURES[arch]
     if m.normalization != "RMSNorm" or m.activation != "swiglu":
@@ -306,7 +308,7 @@ def model_config_to_hf(m: ModelConfig, arch: str, dtype: str, base: dict | None 
     """config.json for `m` as `arch`. Keys of `base` (the original model's config.json) that do not describe the
     model (token ids, generation defaults) are kept."""
     if arch not in ARCHITECTURES:
-        raise MegalignError(f"--architecture {arch} is not supported; valid: {_supported()}")
+        raise OptionError("architecture", f"{arch} is not supported; valid: {_supported()}")
     _check_exportable(m, arch)
     model_type = ARCHITECTURES[arch]
     heads = m.num_attention_heads

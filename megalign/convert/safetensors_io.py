@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -116,7 +116,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.match(str(text))
     if not match or (match.group(2) or "").upper() not in _UNITS:
-        raise MegalignError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB, 2GiB or bytes")
+        raise OptionError("max_shard_size", f"{text!r}: expected a size like 5GB, 500MB, 2GiB or bytes")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-import warnings
-
+from megalign.cli import Parser
 from megalign.data import packing
 from megalign.data.preprocess import OVERLENGTH_POLICIES, PreprocessOptions, preprocess, summary
 from megalign.data.templates import TEMPLATE_NAMES
-from megalign.errors import MegalignError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (the full usage is one --help away)."""
-
-    def error(self, message):
-        _fail(f"{message} (see {self.prog} --help)")
-
-
-def _quiet_megatron_import_warnings() -> None:
-    # The data tools only use megatron-core's IndexedDataset; its notice about TE/Apex being absent is noise here.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from megalign.megatron_compat import quiet_known_warnings
 
 
 def preprocess_main(argv: list[str] | None = None) -> None:
-    p = _Parser(
+    p = Parser(
         prog="preprocess_data.py",
         description="Turn JSONL chats into a packed, indexed dataset (megalign format v1).",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL files (plain or .gz)")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, metavar="FILE",
+                   help="JSONL files (plain or .gz)")
     p.add_argument("--ratios", nargs="+", type=float, metavar="R",
                    help="per input: expected copies of each record (0.3 keeps 30%%, 2 doubles); default 1 each")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a SentencePiece .model")
@@ -54,35 +35,29 @@ def preprocess_main(argv: list[str] | None = None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    _quiet_megatron_import_warnings()
+    quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
     opts = PreprocessOptions(
-        inputs=args.input, ratios=args.ratios, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        inputs=args.inputs, ratios=args.ratios, tokenizer=args.tokenizer, chat_template=args.chat_template,
         seq_length=args.seq_length, packing=args.packing, group_size=args.group_size,
         output_prefix=args.output_prefix, overlength=args.overlength,
         max_reject_fraction=args.max_reject_fraction, workers=args.workers, seed=args.seed,
         overwrite=args.overwrite, progress=False if args.no_progress else None,
     )
-    try:
-        result = preprocess(opts)
-    except MegalignError as e:
-        _fail(str(e))
+    result = p.call(preprocess, opts)
     print(summary(result))
 
 
 def inspect_main(argv: list[str] | None = None) -> None:
-    p = _Parser(prog="inspect_dataset.py", description="Print the stats of a packed dataset.")
+    p = Parser(prog="inspect_dataset.py", description="Print the stats of a packed dataset.")
     p.add_argument("prefix", help="dataset PREFIX (as given to --output-prefix)")
     p.add_argument("--plot", metavar="FILE.png", help="draw the sample-length histogram and pack fill")
     p.add_argument("--verify", default="full", choices=("full", "sizes"), help="checksum the files (default) or sizes only")
     args = p.parse_args(argv)
-    _quiet_megatron_import_warnings()
+    quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
     from megalign.data.inspect import describe, plot
     from megalign.data.packed_dataset import PackedDataset
 
-    try:
-        ds = PackedDataset(args.prefix, verify=args.verify)
-    except MegalignError as e:
-        _fail(str(e))
+    ds = p.call(PackedDataset, args.prefix, verify=args.verify)
     print(describe(ds))
     if args.plot:
         plot(ds, args.plot)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from sortedcontainers import SortedList
 
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 STRATEGIES = ("bfd", "ffs", "next-fit", "sorted", "none")
 
@@ -113,7 +113,7 @@ def pack(lengths, capacity: int, strategy: str, seed: int, group_size: int = 8) 
         packs = next_fit(lengths, capacity, rng.permutation(len(lengths)))
     elif strategy == "sorted":
         if group_size < 1:
-            raise MegalignError(f"--group-size must be at least 1, got {group_size}")
+            raise OptionError("group_size", f"must be at least 1, got {group_size}")
         packs = next_fit(lengths, capacity, np.argsort(lengths, kind="stable"), max_samples=group_size)
     elif strategy == "none":
         return [[i] for i in range(len(lengths))]

@@ -37,7 +37,7 @@ from megalign.data.records import RecordRejected, RejectReason, open_lines, pars
 from megalign.data.sample_store import SampleStore
 from megalign.data.templates import TEMPLATE_NAMES, make_encoder
 from megalign.data.tokenizer import load_tokenizer
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 OVERLENGTH_POLICIES = ("drop", "truncate")
 CHUNK_RECORDS = 64
@@ -64,39 +64,39 @@ class PreprocessOptions:
     def validate(self) -> None:
         """Every option error, before any work, as one line naming the option and what would work."""
         if not self.inputs:
-            raise MegalignError("--input: give at least one JSONL file")
+            raise OptionError("inputs", "is empty: give at least one JSONL file")
         for path in self.inputs:
             if not os.path.isfile(path):
-                raise MegalignError(f"--input {path}: no such file")
+                raise OptionError("inputs", f"{path}: no such file")
             if not os.access(path, os.R_OK):
-                raise MegalignError(f"--input {path}: not readable")
+                raise OptionError("inputs", f"{path}: not readable")
         if self.ratios is not None:
             if len(self.ratios) != len(self.inputs):
-                raise MegalignError(
-                    f"--ratios: got {len(self.ratios)} values for {len(self.inputs)} inputs; give one per --input"
-                )
+                raise OptionError("ratios", f"has {len(self.ratios)} values for {len(self.inputs)} inputs; give one per "
+                                  "input in {inputs}", mentions=("inputs",))
             if any(not (r >= 0 and np.isfinite(r)) for r in self.ratios):
-                raise MegalignError(f"--ratios {self.ratios}: each must be a finite number >= 0 (1 keeps an input as is)")
+                raise OptionError("ratios", f"{self.ratios}: each must be a finite number >= 0 (1 keeps an input as is)")
         if self.chat_template not in TEMPLATE_NAMES:
-            raise MegalignError(f"--chat-template {self.chat_template!r} is unknown; valid: {', '.join(TEMPLATE_NAMES)}")
+            raise OptionError("chat_template", f"{self.chat_template!r} is unknown; valid: {', '.join(TEMPLATE_NAMES)}")
         if self.packing not in packing.STRATEGIES:
-            raise MegalignError(f"--packing {self.packing!r} is unknown; valid: {', '.join(packing.STRATEGIES)}")
+            raise OptionError("packing", f"{self.packing!r} is unknown; valid: {', '.join(packing.STRATEGIES)}")
         if self.seq_length < 2:
-            raise MegalignError(f"--seq-length must be at least 2, got {self.seq_length}")
+            raise OptionError("seq_length", f"must be at least 2, got {self.seq_length}")
         if self.group_size < 1:
-            raise MegalignError(f"--group-size must be at least 1, got {self.group_size}")
+            raise OptionError("group_size", f"must be at least 1, got {self.group_size}")
         if self.overlength not in OVERLENGTH_POLICIES:
-            raise MegalignError(f"--overlength {self.overlength!r} is unknown; valid: {', '.join(OVERLENGTH_POLICIES)}")
+            raise OptionError("overlength", f"{self.overlength!r} is unknown; valid: {', '.join(OVERLENGTH_POLICIES)}")
         if not 0 <= self.max_reject_fraction <= 1:
-            raise MegalignError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
+            raise OptionError("max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}")
         if self.workers < 1:
-            raise MegalignError(f"--workers must be at least 1, got {self.workers}")
+            raise OptionError("workers", f"must be at least 1, got {self.workers}")
         out_dir = Path(self.output_prefix).parent
         if not out_dir.is_dir():
-            raise MegalignError(f"--output-prefix {self.output_prefix}: directory {out_dir} does not exist")
+            raise OptionError("output_prefix", f"{self.output_prefix}: directory {out_dir} does not exist")
         existing = [str(p) for p in fmt.all_files(self.output_prefix) if p.exists()]
         if existing and not self.overwrite:
-            raise MegalignError(f"--output-prefix {self.output_prefix} exists ({existing[0]}); pass --overwrite to replace it")
+            raise OptionError("output_prefix", f"{self.output_prefix} exists ({existing[0]}); set {{overwrite}} to replace it",
+                              mentions=("overwrite",))
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
         if len(tokens) > seq_length:
             if overlength == "drop":
                 outcomes[k] = ("reject", input_index, line_no, RejectReason.TOO_LONG.value,
-                               f"{len(tokens)} tokens > --seq-length {seq_length} (--overlength truncate keeps a prefix)")
+                               f"{len(tokens)} tokens > seq_length {seq_length} (overlength truncate keeps a prefix)")
                 continue
             tokens, mask, truncated = tokens[:seq_length], mask[:seq_length], True
         if not mask[1:].any():  # the first token is never a target
@@ -333,11 +333,12 @@ def _check_reject_fraction(opts: PreprocessOptions, totals: dict, temp_prefix: s
     if rejected == considered or rejected / considered > opts.max_reject_fraction:
         os.replace(fmt.rejects_file(temp_prefix), fmt.rejects_file(opts.output_prefix))  # the evidence stays
         reasons = ", ".join(f"{k}: {v}" for k, v in totals["rejected"].items())
-        raise MegalignError(
-            f"{rejected} of {considered} records rejected ({rejected / considered:.2%} > --max-reject-fraction "
-            f"{opts.max_reject_fraction}; {reasons}); see {fmt.rejects_file(opts.output_prefix)}. Fix the input, "
-            "or raise --max-reject-fraction (or use --overlength truncate) if that is expected"
-        )
+        raise OptionError(
+            "max_reject_fraction",
+            f"{opts.max_reject_fraction} is exceeded: {rejected} of {considered} records rejected "
+            f"({rejected / considered:.2%}; {reasons}); see {fmt.rejects_file(opts.output_prefix)}. Fix the input, "
+            "or raise {max_reject_fraction} (or set {overlength} truncate) if that is expected",
+            mentions=("max_reject_fraction", "overlength"))
 
 
 def _metadata(opts, tokenizer, token_dtype, counts, totals, lengths, pack_lengths, loss_tokens) -> dict:

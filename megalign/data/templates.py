@@ -17,7 +17,7 @@ import numpy as np
 
 from megalign.data.records import Conversation, Message
 from megalign.data.tokenizer import Tokenizer
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, OptionError
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,8 @@ class JinjaEncoder:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         if not tokenizer.chat_template:
-            raise MegalignError(
-                f"--chat-template hf needs the tokenizer's chat_template (tokenizer_config.json or chat_template.jinja "
+            raise OptionError(
+                "chat_template", f"hf needs the tokenizer's chat_template (tokenizer_config.json or chat_template.jinja "
                 f"beside tokenizer.json); {tokenizer.path} has none. Use a built-in template: {', '.join(TEMPLATE_NAMES)}"
             )
 

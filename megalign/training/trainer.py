@@ -189,12 +189,7 @@ class Trainer:
         c = self.cfg.checkpoint
         resume = ckpt.resolve(c.resume_from) if c.resume_from else (self.checkpoints.latest() if c.resume else None)
         if resume is not None:
-            restored = ckpt.load_training(self._parts(), resume, self._identity(), self.sampler.state_dict())
-            self.sampler.load_state_dict(restored.sampler)
-            if restored.rng is not None:
-                ckpt.set_rng_state(restored.rng)
-            self.step = self.saved_step = restored.step
-            self.source = restored.manifest.get("source", {})
+            self.load_checkpoint(resume)
             return f"resumed from {resume} at step {self.step}"
         if c.init_from:
             manifest = ckpt.load_weights(self.model.module, c.init_from, self.cfg.model)
@@ -202,6 +197,16 @@ class Trainer:
             self.optimizer.reload_model_params()  # the optimizer's fp32 main copies follow the loaded weights
             return f"weights from {c.init_from} ({manifest['kind']} checkpoint, step {manifest['step']})"
         return None
+
+    def load_checkpoint(self, path: str | Path) -> ckpt.Restored:
+        """Continue from the training checkpoint at `path` (saved at any TP/PP/DP layout) as if never stopped."""
+        restored = ckpt.load_training(self._parts(), path, self._identity(), self.sampler.state_dict())
+        self.sampler.load_state_dict(restored.sampler)
+        if restored.rng is not None:
+            ckpt.set_rng_state(restored.rng)
+        self.step = self.saved_step = restored.step
+        self.source = restored.manifest.get("source", {})
+        return restored
 
     def save_checkpoint(self) -> Path:
         """Everything needed to resume, published atomically under checkpoint.dir (collective)."""

@@ -166,7 +166,7 @@ def test_unsupported_configs_name_the_key(change, message):
 def test_sliding_window_is_refused_unless_the_context_fits_in_it():
     mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
                "max_position_embeddings": 32768, "sliding_window": 4096}
-    with pytest.raises(MegalignError, match="sliding_window=4096 is in use .* --max-position-embeddings 4096"):
+    with pytest.raises(MegalignError, match="sliding_window=4096 is in use .* import with max_position_embeddings 4096"):
         hfc.hf_to_model_config(mistral)
     cfg, _ = hfc.hf_to_model_config(mistral, max_position_embeddings=4096)
     assert cfg.max_position_embeddings == 4096

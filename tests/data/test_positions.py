@@ -1,7 +1,6 @@
 """SkipAlign positions: monotone, within the window, skips only where the loss mask switches, drawn per (seed,
 pack, epoch), zero skips == contiguous, and the distances they make cover the window (numbers in the asserts)."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from megalign.data.positions import (contiguous_positions, pack_positions, pack_
 from megalign.data.sampler import PackRef, PackSampler
 from megalign.errors import MegalignError
 from megalign.training.batch import context_parallel_share, thd_batch
+from megalign.training.objective import SFT
 
 
 def chat_pack(rng, n_samples, segments=(1, 6), segment_length=(1, 40)) -> Pack:
@@ -116,10 +116,12 @@ def test_zero_skips_is_contiguous():
     assert np.array_equal(draw(pack, 65536, fraction=0.0), contiguous)
     assert np.array_equal(draw(pack, int(pack.lengths.min())), contiguous)  # window <= every sample's length
     for mode in ("sequence", "token", "pack"):
-        plain, zero = thd_batch(pack, mode), thd_batch(pack, mode, draw(pack, 65536, fraction=0.0))
-        for key in ("tokens", "labels", "loss_weight", "position_ids", "cu_seqlens", "count"):
+        plain, zero = thd_batch(pack, SFT(mode)), thd_batch(pack, SFT(mode), draw(pack, 65536, fraction=0.0))
+        for key in ("tokens", "labels", "position_ids", "cu_seqlens"):
             a, b = getattr(plain, key), getattr(zero, key)
             assert a.dtype == b.dtype and torch.equal(a, b), key
+        for a, b in ((plain.loss.per_token["weight"], zero.loss.per_token["weight"]), (plain.loss.count, zero.loss.count)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
         assert plain.max_seqlen == zero.max_seqlen and plain.num_targets == zero.num_targets
 
 
@@ -181,20 +183,22 @@ def test_distances_cover_the_window():
 
 
 def micro_batch(pack, positions="skipalign", fraction=1.0, cp=1, cp_rank=0, epoch=0):
-    """The trainer's `_micro_batch` on a stand-in trainer (no process groups)."""
-    from megalign.training.trainer import Trainer
+    """The trainer's micro-batch builder (no process groups needed: it is a pure function of the pack reference)."""
+    from megalign.config import updated
+    from megalign.data.source import InMemoryPacks
+    from megalign.training.batch import BatchBuilder
 
-    cfg = Config()
-    cfg.data.positions, cfg.data.skipalign_fraction = positions, fraction
-    fake = SimpleNamespace(cfg=cfg, datasets=[[pack, pack]], layout=SimpleNamespace(cp=cp, cp_rank=cp_rank),
-                           device="cpu")
-    return Trainer._micro_batch(fake, PackRef(0, 1, epoch))
+    cfg = updated(Config(), data={"positions": positions, "skipalign_fraction": fraction})
+    builder = BatchBuilder([InMemoryPacks([pack, pack], vocab_size=1000)], cfg.data, SFT(cfg.training.loss),
+                           cfg.training.seed, cfg.model.max_position_embeddings, cp, cp_rank)
+    return builder.build(PackRef(0, 1, epoch))
 
 
 def test_trainer_wires_positions_before_the_context_parallel_split():
     pack = chat_pack(np.random.default_rng(8), 6, segments=(2, 5))
     plain, zero = micro_batch(pack, "contiguous"), micro_batch(pack, fraction=0.0)
-    assert torch.equal(plain.position_ids, zero.position_ids) and torch.equal(plain.loss_weight, zero.loss_weight)
+    assert torch.equal(plain.position_ids, zero.position_ids)
+    assert torch.equal(plain.loss.per_token["weight"], zero.loss.per_token["weight"])
     skip = micro_batch(pack)
     expected = pack_positions(pack, "skipalign", Config().model.max_position_embeddings, 1.0, Config().training.seed,
                               0, 1, 0)  # window unset: model.max_position_embeddings
@@ -202,9 +206,9 @@ def test_trainer_wires_positions_before_the_context_parallel_split():
     assert not torch.equal(micro_batch(pack, epoch=1).position_ids, skip.position_ids)
     for rank in range(2):  # CP: every rank has the whole padded row's positions, the same as splitting by hand
         share = micro_batch(pack, cp=2, cp_rank=rank)
-        by_hand = context_parallel_share(thd_batch(pack, "sequence", expected), 2, rank)
+        by_hand = context_parallel_share(thd_batch(pack, SFT("sequence"), expected), 2, rank)
         assert torch.equal(share.position_ids, by_hand.position_ids) and torch.equal(share.tokens, by_hand.tokens)
-    real = context_parallel_share(thd_batch(pack, "sequence", expected), 2, 0)
+    real = context_parallel_share(thd_batch(pack, SFT("sequence"), expected), 2, 0)
     assert real.position_ids.numel() == int(real.cu_seqlens_padded[-1])
 
 

@@ -183,7 +183,7 @@ def test_truncate_policy_keeps_a_prefix(tmp_path, bpe_tokenizer_dir, example):
 
 def test_too_many_rejects_fail_with_the_reasons_and_no_dataset(tmp_path, bpe_tokenizer_dir, example):
     mixed = write_mixed(tmp_path / "mixed.jsonl", example["short"])
-    with pytest.raises(MegalignError, match=r"9 of 29 records rejected \(31\.03% > --max-reject-fraction 0\.01;.*"
+    with pytest.raises(MegalignError, match=r"max_reject_fraction 0\.01 is exceeded: 9 of 29 records rejected \(31\.03%;.*"
                                             r"too_long: 1.*see .*ds\.rejects\.jsonl"):
         preprocess(options(tmp_path, bpe_tokenizer_dir, [mixed]))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ds")] == ["ds.rejects.jsonl"]
@@ -193,7 +193,7 @@ def test_existing_prefix_is_refused_without_overwrite(tmp_path, bpe_tokenizer_di
     opts = options(tmp_path, bpe_tokenizer_dir, [example["short"]])
     preprocess(opts)
     before = output_bytes(opts.output_prefix)
-    with pytest.raises(MegalignError, match="exists .*pass --overwrite"):
+    with pytest.raises(MegalignError, match="exists .*set overwrite to replace it"):
         preprocess(opts)
     opts.overwrite, opts.seq_length = True, 512
     preprocess(opts)
@@ -211,16 +211,16 @@ def test_a_failure_while_writing_leaves_no_files(tmp_path, bpe_tokenizer_dir, ex
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"inputs": ["/nonexistent.jsonl"]}, "--input /nonexistent.jsonl: no such file"),
+    ({"inputs": ["/nonexistent.jsonl"]}, "inputs /nonexistent.jsonl: no such file"),
     ({"tokenizer": "/nonexistent/tok"}, "tokenizer /nonexistent/tok does not exist"),
-    ({"chat_template": "alpaca"}, "--chat-template 'alpaca' is unknown; valid: llama2, llama3, chatml, chatglm3, hf"),
-    ({"packing": "greedy"}, "--packing 'greedy' is unknown; valid: bfd, ffs, next-fit, sorted, none"),
-    ({"seq_length": 0}, "--seq-length must be at least 2"),
-    ({"workers": 0}, "--workers must be at least 1"),
-    ({"ratios": [1, 2]}, "--ratios: got 2 values for 1 inputs"),
+    ({"chat_template": "alpaca"}, "chat_template 'alpaca' is unknown; valid: llama2, llama3, chatml, chatglm3, hf"),
+    ({"packing": "greedy"}, "packing 'greedy' is unknown; valid: bfd, ffs, next-fit, sorted, none"),
+    ({"seq_length": 0}, "seq_length must be at least 2"),
+    ({"workers": 0}, "workers must be at least 1"),
+    ({"ratios": [1, 2]}, "ratios has 2 values for 1 inputs"),
     ({"ratios": [-1]}, "each must be a finite number >= 0"),
-    ({"overlength": "wrap"}, "--overlength 'wrap' is unknown"),
-    ({"max_reject_fraction": 2}, "--max-reject-fraction must be in"),
+    ({"overlength": "wrap"}, "overlength 'wrap' is unknown"),
+    ({"max_reject_fraction": 2}, "max_reject_fraction must be in"),
     ({"output_prefix": "/nonexistent/dir/ds"}, "directory /nonexistent/dir does not exist"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, bpe_tokenizer_dir, example, change, message):

@@ -13,6 +13,7 @@ from megalign.model.attention import SDPAAttention
 from megalign.parallel.cpu_attention import chunk_attention
 from megalign.parallel import context
 from megalign.training.batch import context_parallel_share, thd_batch
+from megalign.training.objective import SFT
 
 LENGTHS = [1, 3, 6, 11, 8]  # shorter than 2*cp, not multiples of 2*cp, a multiple
 
@@ -52,17 +53,21 @@ def _pack(lengths, seed=0):
 @pytest.mark.parametrize("mode", ["sequence", "token", "pack"])
 def test_the_cp_shares_reassemble_the_whole_batch(mode):
     cp = 2
-    whole = thd_batch(_pack(LENGTHS), mode)
+    whole = thd_batch(_pack(LENGTHS), SFT(mode))
     shares = [context_parallel_share(whole, cp, r) for r in range(cp)]
     padded = context.padded_lengths(LENGTHS, cp)
     source = context.padding_index(LENGTHS, cp)
     order = context.global_order(padded, cp)
-    for field in ("tokens", "labels", "loss_weight"):
-        row = torch.cat([getattr(s, field) for s in shares])[order].numpy()
-        expected = np.where(source >= 0, getattr(whole, field).numpy()[np.maximum(source, 0)], 0)
+    def fields(b):
+        return {"tokens": b.tokens, "labels": b.labels, "weight": b.loss.per_token["weight"]}
+
+    for field in ("tokens", "labels", "weight"):
+        row = torch.cat([fields(s)[field] for s in shares])[order].numpy()
+        expected = np.where(source >= 0, fields(whole)[field].numpy()[np.maximum(source, 0)], 0)
         assert np.array_equal(row, expected), field
-    assert sum(float(s.loss_weight.sum()) for s in shares) == pytest.approx(float(whole.loss_weight.sum()))
-    assert [int(s.count) for s in shares] == [int(whole.count), 0]  # counted once over the CP group
+    weight = sum(float(s.loss.per_token["weight"].sum()) for s in shares)
+    assert weight == pytest.approx(float(whole.loss.per_token["weight"].sum()))
+    assert [int(s.loss.count) for s in shares] == [int(whole.loss.count), 0]  # counted once over the CP group
     for s in shares:
         assert torch.equal(s.cu_seqlens, whole.cu_seqlens)
         assert s.cu_seqlens_padded.tolist() == [0, *np.cumsum(padded).tolist()]

@@ -7,6 +7,7 @@ import torch
 from megalign.data.packed_dataset import Pack
 from megalign.training.batch import thd_batch
 from megalign.training.loss import token_weights, weighted_loss
+from megalign.training.objective import SFT
 
 # Two samples: lengths 4 and 3. Loss mask (on tokens) -> targets (on labels = next token in the same sample).
 PACK = Pack(tokens=np.array([10, 11, 12, 13, 20, 21, 22], dtype=np.int32),
@@ -15,26 +16,26 @@ PACK = Pack(tokens=np.array([10, 11, 12, 13, 20, 21, 22], dtype=np.int32),
 
 
 def test_thd_batch_shifts_labels_inside_each_sample():
-    b = thd_batch(PACK, "token")
+    b = thd_batch(PACK, SFT("token"))
     assert b.tokens.tolist() == [10, 11, 12, 13, 20, 21, 22]
     assert b.labels.tolist() == [11, 12, 13, 0, 21, 22, 0]  # a sample's last token predicts nothing
     # token t trains on label t where the NEXT token carries the loss mask; never across the boundary
-    assert b.loss_weight.tolist() == [0, 1, 1, 0, 1, 1, 0]
+    assert b.loss.per_token["weight"].tolist() == [0, 1, 1, 0, 1, 1, 0]
     assert b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2]
     assert b.cu_seqlens.tolist() == [0, 4, 7] and b.max_seqlen == 4
-    assert b.num_targets == 4 and int(b.count) == 4
+    assert b.num_targets == 4 and int(b.loss.count) == 4
 
 
 def test_sequence_mode_weights_each_sample_equally():
-    b = thd_batch(PACK, "sequence")
-    assert b.loss_weight.tolist() == pytest.approx([0, 0.5, 0.5, 0, 0.5, 0.5, 0])
-    assert int(b.count) == 2
+    b = thd_batch(PACK, SFT("sequence"))
+    assert b.loss.per_token["weight"].tolist() == pytest.approx([0, 0.5, 0.5, 0, 0.5, 0.5, 0])
+    assert int(b.loss.count) == 2
 
 
 def test_pack_mode_is_the_pack_token_mean():
-    b = thd_batch(PACK, "pack")
-    assert b.loss_weight.tolist() == pytest.approx([0, 0.25, 0.25, 0, 0.25, 0.25, 0])
-    assert int(b.count) == 1
+    b = thd_batch(PACK, SFT("pack"))
+    assert b.loss.per_token["weight"].tolist() == pytest.approx([0, 0.25, 0.25, 0, 0.25, 0.25, 0])
+    assert int(b.loss.count) == 1
 
 
 def test_global_loss_by_hand():
