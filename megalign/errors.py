@@ -10,10 +10,10 @@ class MegalignError(Exception):
 
 class OptionError(MegalignError):
     """A bad value of a library option, named as the library calls it (e.g. `seq_length`). The message may name
-    other options as `{name}` with `mentions=("name",)`. The library never names command-line flags: a command
+    other options as `{name}` with `mentions=("name",)` (option None: a message that only mentions options). The library never names command-line flags: a command
     line renders the names as its flags (megalign/cli.py), a library caller sees the option names."""
 
-    def __init__(self, option: str, message: str, mentions: tuple[str, ...] = ()):
+    def __init__(self, option: str | None, message: str, mentions: tuple[str, ...] = ()):
         self.option, self.message, self.mentions = option, message, mentions
         super().__init__(self.render(lambda name: name))
 
@@ -21,4 +21,4 @@ class OptionError(MegalignError):
         text = self.message
         for other in self.mentions:
             text = text.replace("{" + other + "}", name_of(other))
-        return f"{name_of(self.option)} {text}"
+        return text if self.option is None else f"{name_of(self.option)} {text}"

@@ -179,8 +179,8 @@ def hf_to_model_config(hf: dict, max_position_embeddings: int | None = None) -> 
     window = _sliding_window_in_use(hf, model_type, d, layers)
     if window is not None and window < max_positions:
         raise OptionError(
-            "max_position_embeddings",
-            f"is needed: config.json sliding_window={window} is in use and smaller than max_position_embeddings="
+            None,
+            f"config.json sliding_window={window} is in use and smaller than max_position_embeddings="
             f"{max_positions}: megalign attends to the whole causal prefix; import with {{max_position_embeddings}} "
             f"{window} (exact up to the window), or set sliding_window to null if the model was trained without it",
             mentions=("max_position_embeddings",))
