@@ -45,7 +45,7 @@ KNOWN_WARNINGS = (
     (".*is deprecated. Please use", "megatron.core"),
     ("When using async grad allreduce", "megatron.core"),
     ("The .grad attribute of a Tensor that is not a leaf", "torch"),
-    ("`load_state_dict` is deprecated", "megatron.core"),
+    ("`load_state_dict` is deprecated", "torch"),
     ("Please use DTensor instead", "torch"),
 )
 

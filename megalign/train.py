@@ -8,6 +8,7 @@ says the same.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,11 +52,11 @@ def run(config_path: str | None, overrides: list[str]) -> RunStatus:
     from megalign.training.loop import train
     from megalign.training.trainer import Trainer
 
-    trainer = None
     out = Path(cfg.run.output_dir)
+    speaker = int(os.environ.get("RANK", "0")) == 0  # the rank that logs and writes the run's files
+    trainer = None
     try:
         trainer = Trainer(cfg)
-        speaker = trainer.layout.rank == 0
         log = _setup_logging(out, speaker)
         if speaker:
             OmegaConf.save(OmegaConf.create(to_dict(trainer.cfg)), out / "config.yaml")
@@ -68,10 +69,11 @@ def run(config_path: str | None, overrides: list[str]) -> RunStatus:
                          checkpoint=str(newest) if newest else None)
         return end.status
     except BaseException as e:
-        if trainer is not None and trainer.layout.rank == 0:
+        if speaker:
             status = RunStatus.INVALID if isinstance(e, MegalignError) else RunStatus.FAILED
-            write_status(out, status, reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
-                         step=trainer.step, steps=cfg.training.steps)
+            first_line = (str(e).splitlines() or [""])[0]
+            write_status(out, status, reason=f"{type(e).__name__}: {first_line}"[:500],
+                         step=trainer.step if trainer else None, steps=cfg.training.steps)
         raise
     finally:
         if trainer is not None and dist.is_initialized() and sys.exc_info()[0] is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from megalign.checkpoint.store import CheckpointStore, read_manifest
+from megalign.training.status import read_status
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -69,10 +70,12 @@ def straight(dataset, tmp_path_factory):
 def test_stop_then_resume_equals_an_uninterrupted_run(dataset, tmp_path, straight):
     train(2, dataset, tmp_path, *EXACT, "run.stop_at_step=3")
     assert sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert read_status(tmp_path)["status"] == "paused" and read_status(tmp_path)["step"] == 3
     assert CheckpointStore(tmp_path / "checkpoints").latest().name == "step_0000003"
     done = train(2, dataset, tmp_path, *EXACT)
     assert "resumed from" in done.stdout and "at step 3" in done.stdout
     same_losses(metrics(tmp_path), straight)
+    assert read_status(tmp_path)["status"] == "finished"
 
 
 def _wait_for(predicate, timeout: float = 120.0, every: float = 0.005) -> None:
@@ -98,8 +101,22 @@ def test_sigterm_saves_after_the_step_and_the_resume_is_exact(dataset, tmp_path,
     assert 2 <= stopped_at < STEPS, output[-3000:]
     assert f"stopped by SIGTERM after step {stopped_at}" in output
     assert CheckpointStore(tmp_path / "checkpoints").latest().name == f"step_{stopped_at:07d}"
+    status = read_status(tmp_path)  # torchrun turns a worker's 75 into its own 1: the file keeps the status
+    assert status["status"] == "stopped" and status["exit_code"] == 75 and status["step"] == stopped_at
     train(2, dataset, tmp_path, *EXACT)
     same_losses(metrics(tmp_path), straight)
+
+
+def test_a_signalled_run_without_a_launcher_exits_with_the_resumable_status(dataset, tmp_path):
+    """One process started as srun starts each rank: its exit status itself says "stopped, resumable" (75)."""
+    run = subprocess.Popen(command(1, dataset, tmp_path, "training.steps=50", "training.global_batch=2"), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _logged_steps(tmp_path) >= 1 or run.poll() is not None)
+    run.send_signal(signal.SIGUSR1)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 75, output[-3000:]
+    assert read_status(tmp_path)["status"] == "stopped"
+    assert CheckpointStore(tmp_path / "checkpoints").latest() is not None
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path, straight):
@@ -164,6 +181,7 @@ def test_bad_checkpoints_are_one_line_errors(dataset, other_dataset, tmp_path):
 
     for done, message in cases:
         assert done.returncode == 2, done.stderr[-3000:]
+        assert read_status(tmp_path / "shape")["status"] == "invalid"
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: checkpoint ") and message in last, last
 

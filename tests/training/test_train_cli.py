@@ -30,6 +30,9 @@ def test_a_short_run_writes_metrics_log_tensorboard_and_checkpoint(dataset, tmp_
     assert (out / "checkpoints" / "step_0000003" / "metadata.json").is_file()
     assert "checkpoint:" in done.stdout and "metrics:" in done.stdout
     assert "vocab_size: 600" in (out / "config.yaml").read_text()  # taken from the dataset's tokenizer
+    status = json.loads((out / "run_status.json").read_text())
+    assert status["status"] == "finished" and status["exit_code"] == 0 and status["step"] == 3
+    assert status["checkpoint"].endswith("step_0000003")
 
 
 @pytest.mark.parametrize("override,message", [
