@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalign.config import Config, ModelConfig
+from megalign.config import Config
 from megalign.model.attention import CORE_ATTENTION
 from megalign.model.rope import GPTModelWithPositions
 

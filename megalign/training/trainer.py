@@ -180,7 +180,7 @@ class Trainer:
         return ckpt.TrainingParts(self.model.module, self.optimizer, self.scheduler, self.layout)
 
     def _identity(self) -> ckpt.RunIdentity:
-        return ckpt.RunIdentity(ckpt.state.model_identity(self.cfg.model), ckpt.state.data_identity(self.datasets),
+        return ckpt.RunIdentity(ckpt.model_identity(self.cfg.model), ckpt.data_identity(self.datasets),
                                 self.cfg.training.seed)
 
     def _restore(self) -> str | None:
