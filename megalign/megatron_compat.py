@@ -17,7 +17,8 @@ Patches that live here:
 Workarounds that live with the code they serve (pointers):
   6. model/rope.py GPTModelWithPositions._preprocess   overrides GPTModel's private `_preprocess` and relies on
                                   megatron's THD RoPE taking a row-long embedding as one angle per token ("exact
-                                  mapping") and restarting per sequence only when max_seqlen is the longest sample
+                                  mapping") and restarting per sequence only when max_seqlen is the longest sample;
+                                  model/gpt.py overrides `compute_language_model_loss` (padded vocabulary masked)
   7. model/attention.py           a core attention of our own: the local spec's DotProductAttention refuses packed
                                   (THD) batches and context parallelism
   8. model/build.py               variable_seq_lengths needs moe_token_dispatcher_type="alltoall" even without MoE;

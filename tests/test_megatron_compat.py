@@ -160,6 +160,13 @@ def test_gpt_model_preprocess_keeps_the_signature_and_output_megalign_overrides(
     assert re.search(r"preproc_output = \(\s*decoder_input,\s*rotary_pos_emb,", source)  # rotary at index 1
 
 
+def test_gpt_model_still_computes_its_loss_through_the_method_megalign_overrides():
+    from megatron.core.models.gpt import GPTModel
+
+    assert list(inspect.signature(GPTModel.compute_language_model_loss).parameters) == ["self", "labels", "logits"]
+    assert "self.compute_language_model_loss(labels, logits)" in inspect.getsource(GPTModel)  # model/gpt.py
+
+
 def _rotate(x, angles):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

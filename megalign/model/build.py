@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalign.config import Config
 from megalign.model.attention import CORE_ATTENTION
-from megalign.model.rope import GPTModelWithPositions
+from megalign.model.gpt import MegalignGPTModel
 
 
 def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool = True) -> TransformerConfig:
@@ -91,13 +91,15 @@ def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.flo
     """This rank's piece of the model (layers of its PP stage, its TP shard), weights not yet drawn.
 
     RoPE: megatron's rotary module with HF's frequencies for every model.rope_scaling, read at the batch's
-    position_ids when given (see model/rope.py); megatron's own scaling options stay off.
+    position_ids when given (see model/rope.py); megatron's own scaling options stay off. The padded vocabulary
+    takes no part in the loss (model/gpt.py).
     """
     m = cfg.model
-    return GPTModelWithPositions(
+    return MegalignGPTModel(
         config=transformer_config(cfg, params_dtype, random_init),
         transformer_layer_spec=layer_spec(backend, m.normalization),
         vocab_size=m.padded_vocab_size,
+        tokenizer_vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

@@ -106,6 +106,7 @@ def run_case(case: str, work: Path) -> dict:
     model = build_full_model(model_cfg, torch.float32)
     load_weights(model, imported, model_cfg)
     ours = forward_logits(model, tokens, SHAPE["vocab_size"])
+    loss = training_loss_against_transformers(model, hf_model, tokens)
 
     _, _, _, export_shard = CASES[case]
     export_hf(imported, exported, max_shard_size=export_shard or "5GB")
@@ -128,7 +129,35 @@ def run_case(case: str, work: Path) -> dict:
         "reloaded_logits_max_abs_diff": float((reloaded_logits - hf_logits).abs().max()),
         "reloaded_config": {k: getattr(reloaded.config, k, None) for k in ("model_type", "tie_word_embeddings")},
         "model_yaml": (imported / "model.yaml").read_text(),
+        **loss,
     }
+
+
+def training_loss_against_transformers(model, hf_model, tokens) -> dict:
+    """megalign's training loss (labels given: megatron's cross-entropy over the padded vocabulary, 200 -> 256) and
+    its gradient on the output layer, against transformers' loss and gradient on the original model."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = torch.roll(tokens, -1, dims=1)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    model.zero_grad()
+    ours = model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=labels)[:, :-1]  # [b, s-1]
+    ours.sum().backward()
+    hf_model.zero_grad()
+    logits = hf_model(tokens).logits[:, :-1]
+    theirs = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, :-1].reshape(-1), reduction="none")
+    theirs.sum().backward()
+    head = dict(model.named_parameters()).get("output_layer.weight")
+    if head is None:  # tied: the embedding is the output layer
+        head = model.embedding.word_embeddings.weight
+    hf_head = hf_model.get_output_embeddings().weight
+    vocab = SHAPE["vocab_size"]
+    return {"loss_max_abs_diff": float((ours.reshape(-1) - theirs.detach()).abs().max()),
+            "loss_mean": float(theirs.mean()),
+            "head_grad_max_abs_diff": float((head.grad[:vocab] - hf_head.grad).abs().max()),
+            "head_grad_max": float(hf_head.grad.abs().max()),
+            "padded_rows_grad_max": float(head.grad[vocab:].abs().max())}
 
 
 def main():

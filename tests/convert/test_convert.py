@@ -55,6 +55,17 @@ def test_import_matches_transformers_and_export_round_trips(converted, case):
     assert r["reloaded_config"]["model_type"] == hfc.ARCHITECTURES[r["architecture"]]
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_loss_equals_transformers_with_a_padded_vocabulary(converted, case):
+    """Vocabulary 200 padded to 256: the padded rows take no part in the loss (it equals transformers' per token)
+    nor in its gradient (none reaches them; the real rows' gradient equals transformers')."""
+    r = converted[0][case]
+    assert "error" not in r, r.get("traceback")
+    assert r["loss_max_abs_diff"] < 1e-5 * r["loss_mean"], r["loss_max_abs_diff"]
+    assert r["head_grad_max_abs_diff"] < 1e-5 * r["head_grad_max"], r["head_grad_max_abs_diff"]
+    assert r["padded_rows_grad_max"] == 0.0
+
+
 def test_sharded_checkpoints_both_ways(converted):
     results, _ = converted
     imported = results["llama-gqa-sharded"]
