@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megalign.errors import MegalignError, OptionError
 
 OBJECTIVES = ("sft",)  # training.objective (megalign/training/objective.py)
+NONFINITE_POLICIES = ("error", "skip")  # training.on_nonfinite
 LOSS_MODES = ("sequence", "token", "pack")  # training.loss: the sft objective's weighting (training/loss.py)
 DEVICES = ("auto", "cpu", "cuda")
 RECOMPUTE = ("none", "selective", "full")
@@ -122,6 +123,9 @@ class TrainingConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     objective: str = "sft"  # what a micro-batch carries for the loss and how it is reduced (training/objective.py)
+    # a step whose loss or gradient norm is NaN or inf: error (stop, naming the step; nothing is updated or
+    # saved) or skip (no update; metrics.jsonl marks the step `skipped`)
+    on_nonfinite: str = "error"
     loss: str = "sequence"  # the sft weighting: sequence (LongAlign) | token | pack (training/loss.py)
 
 
@@ -266,6 +270,8 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     with_data=False: the model and parallel keys only (e.g. a checkpoint converter, which has no data)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     _check_choice("training.objective", t.objective, OBJECTIVES)
+    _check_choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    _validate_optimizer(t)
     _check_choice("training.loss", t.loss, LOSS_MODES)
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("model.recompute", m.recompute, RECOMPUTE)
@@ -317,6 +323,25 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if with_data:
         _validate_data(cfg)
         _validate_checkpoint(cfg.checkpoint)
+        _validate_writable("run.output_dir", cfg.run.output_dir)
+        if cfg.checkpoint.dir is not None:
+            _validate_writable("checkpoint.dir", cfg.checkpoint.dir)
+
+
+def _validate_optimizer(t: TrainingConfig) -> None:
+    """Numbers the optimizer and the schedule take: finite and in range (lr=nan or -1 would be a torch traceback
+    at the first step, or train on silently)."""
+    import math
+
+    ranges = {"lr": (0, math.inf, "e.g. 2e-5"), "min_lr": (0, t.lr, f"at most training.lr={t.lr}"),
+              "weight_decay": (0, math.inf, "e.g. 0.0 or 0.1"), "adam_eps": (0, 1, "e.g. 1e-8"),
+              "clip_grad": (0, math.inf, "e.g. 1.0; 0 turns clipping off"),
+              "warmup_fraction": (0, 1, "a fraction of training.steps, e.g. 0.03"),
+              "adam_beta1": (0, 1, "e.g. 0.9"), "adam_beta2": (0, 1, "e.g. 0.95")}
+    for key, (low, high, hint) in ranges.items():
+        value = getattr(t, key)
+        if not (math.isfinite(value) and low <= value <= high) or (key.startswith("adam_beta") and value == 1):
+            raise MegalignError(f"config key training.{key}={value} is out of range [{low}, {high}]: {hint}")
 
 
 def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
@@ -329,6 +354,25 @@ def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
     if not 0 <= d.skipalign_fraction <= 1:
         raise MegalignError(f"config key data.skipalign_fraction={d.skipalign_fraction} must be in [0, 1] "
                             "(the share of samples that get skips)")
+
+
+def _validate_writable(key: str, path: str) -> None:
+    """The run can create `path` and write in it: a probe file in its nearest existing directory, removed at once
+    (permission bits alone do not tell: root ignores them, a read-only mount does not)."""
+    import tempfile
+    from pathlib import Path
+
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MegalignError(f"config key {key}={path}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise MegalignError(f"config key {key}={path}: cannot write in {existing} ({e.strerror or e}); choose a "
+                            "directory this user can write") from None
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:

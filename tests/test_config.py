@@ -92,6 +92,37 @@ def test_checkpoint_keys(dataset_prefix, overrides, message):
         validate(load_config(None, [f"data.path={dataset_prefix}", *overrides]), world_size=1)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["training.lr=nan"], "config key training.lr=nan is out of range [0, inf]"),
+    (["training.lr=-1"], "config key training.lr=-1.0 is out of range [0, inf]"),
+    (["training.min_lr=1"], "config key training.min_lr=1.0 is out of range [0, 2e-05]: at most training.lr"),
+    (["training.adam_beta2=1"], "config key training.adam_beta2=1.0 is out of range [0, 1]"),
+    (["training.warmup_fraction=2"], "config key training.warmup_fraction=2.0 is out of range [0, 1]"),
+    (["training.on_nonfinite=ignore"], "config key training.on_nonfinite: 'ignore' is not one of error, skip"),
+])
+def test_optimizer_numbers_are_checked(dataset_prefix, overrides, message):
+    with pytest.raises(MegalignError) as e:
+        validate(load_config(None, [f"data.path={dataset_prefix}", *overrides]), world_size=1)
+    assert message in str(e.value), str(e.value)
+
+
+def test_unwritable_output_directories_are_refused_before_the_run(dataset_prefix, tmp_path):
+    """A read-only place (here /proc, read-only even for root) or a file where a directory should be: refused by
+    validate, before any process group starts, not after the last step."""
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for overrides, message in [
+        (["run.output_dir=/proc/megalign/run"], "config key run.output_dir=/proc/megalign/run: cannot write in /proc"),
+        ([f"checkpoint.dir=/proc/megalign"], "config key checkpoint.dir=/proc/megalign: cannot write in /proc"),
+        ([f"run.output_dir={a_file}/run"], f"config key run.output_dir={a_file}/run: {a_file} is a file"),
+    ]:
+        with pytest.raises(MegalignError) as e:
+            validate(load_config(None, [f"data.path={dataset_prefix}", *overrides]), world_size=1)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    validate(load_config(None, [f"data.path={dataset_prefix}", f"run.output_dir={tmp_path}/new/run"]), 1)
+    assert not (tmp_path / "new").exists()  # the probe leaves nothing behind
+
+
 def test_resume_from_and_init_from_exclude_each_other(dataset_prefix, tmp_path):
     cfg = load_config(None, [f"data.path={dataset_prefix}", f"checkpoint.resume_from={tmp_path}",
                              f"checkpoint.init_from={tmp_path}"])

@@ -30,6 +30,7 @@ from megalign.data.packed_dataset import Pack
 from megalign.data.positions import contiguous_positions, pack_positions
 from megalign.data.sampler import PackRef
 from megalign.data.source import PackSource
+from megalign.errors import MegalignError
 from megalign.model.attention import ThdParams
 from megalign.parallel import context
 from megalign.training.objective import LossInputs
@@ -128,18 +129,26 @@ def context_parallel_share(batch: Batch, cp: int, rank: int) -> Batch:
 class BatchBuilder:
     """Pack reference -> this rank's micro-batch, on the host: a pure function of the reference (the same on every
     call, rank and resume). `data` gives the positions (data.positions and the SkipAlign keys); `max_positions`
-    is the SkipAlign window when data.skipalign_window is unset (model.max_position_embeddings)."""
+    is the SkipAlign window when data.skipalign_window is unset (model.max_position_embeddings); token ids must be
+    below `vocab_size` (the model's vocabulary: a larger id is a damaged pack or another tokenizer's)."""
 
     datasets: Sequence[PackSource]
     data: DataConfig
     objective: object
     seed: int
     max_positions: int
+    vocab_size: int
     cp: int = 1
     cp_rank: int = 0
 
     def build(self, ref: PackRef) -> Batch:
         pack, d = self.datasets[ref.dataset][ref.pack], self.data
+        if len(pack.tokens) and int(pack.tokens.max()) >= self.vocab_size:
+            source = self.datasets[ref.dataset].fingerprint()["path"]
+            raise MegalignError(
+                f"dataset {source}, pack {ref.pack}: token id {int(pack.tokens.max())} is outside the model's "
+                f"vocabulary of {self.vocab_size}: the dataset is damaged (tools/inspect_dataset.py --verify full "
+                "checks it) or was made with another tokenizer than model.vocab_size says")
         # positions of the whole row, before the CP split (which keeps the whole padded row's positions)
         positions = pack_positions(pack, d.positions, d.skipalign_window or self.max_positions,
                                    d.skipalign_fraction, self.seed, ref.dataset, ref.pack, ref.epoch)

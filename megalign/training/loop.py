@@ -28,7 +28,7 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
     return {
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "sequences": r.sequences,
         "tokens": r.tokens, "step_time_s": r.seconds, "tokens_per_s": r.tokens / r.seconds,
-        "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12,
+        "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12, "skipped": int(r.skipped),
     }
 
 
@@ -94,6 +94,9 @@ def _report(result: StepResult, cfg, layout, metrics, bar, records: list, log: l
     metrics.log(record)
     bar.update(1)
     bar.set_postfix(loss=f"{result.loss:.4f}")
+    if result.skipped:
+        log.warning(f"step {result.step}: loss {result.loss} gradient norm {result.grad_norm}: not finite, skipped "
+                    "(training.on_nonfinite=skip)")
     if result.step % cfg.run.log_interval == 0 or result.step == cfg.training.steps:
         log.info(f"step {result.step}/{cfg.training.steps} loss {result.loss:.4f} lr {result.lr:.3g} "
                  f"grad_norm {result.grad_norm:.3f} seqs {result.sequences} tokens {result.tokens} "

@@ -15,6 +15,7 @@ and `forward_backward(refs, forward_only=True)` is the same pass without gradien
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ from megalign import megatron_compat
 from megalign.config import Config, resolve, to_dict
 from megalign.data.sampler import PackRef, PackSampler, dp_share
 from megalign.data.source import PackSource
+from megalign.errors import MegalignError
 from megalign.model.arithmetic import step_flops
 from megalign.model.attention import resolve_backend
 from megalign.model.build import build_model
@@ -54,6 +56,7 @@ class StepResult:
     tokens: int
     seconds: float
     flops: float
+    skipped: bool = False  # the loss or gradient norm was not finite and training.on_nonfinite=skip
 
 
 def open_datasets(cfg: Config) -> list[PackSource]:
@@ -91,7 +94,8 @@ class Trainer:
         self.sampler = PackSampler([len(ds) for ds in self.datasets], cfg.data.weights, t.global_batch,
                                    self.layout.dp, t.seed)
         self.batches = BatchBuilder(self.datasets, cfg.data, self.objective, t.seed,
-                                    cfg.model.max_position_embeddings, self.layout.cp, self.layout.cp_rank)
+                                    cfg.model.max_position_embeddings, cfg.model.vocab_size, self.layout.cp,
+                                    self.layout.cp_rank)
         self.step = 0
         self.checkpoints = ckpt.CheckpointStore(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
@@ -155,24 +159,37 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def optimizer_step(self) -> tuple[float, float]:
-        """Clip, update, advance the LR schedule and the step counter. Returns (grad norm, lr)."""
-        _, grad_norm, _ = self.optimizer.step()
+    def optimizer_step(self, loss: float = 0.0) -> tuple[float, float, bool]:
+        """Clip, update, advance the LR schedule and the step counter; returns (grad norm, lr, skipped).
+
+        The gradient norm is computed before the update: when it or `loss` is NaN or inf, no weight changes, and
+        training.on_nonfinite says what happens (error: stop, naming the step; skip: this step updates nothing)."""
+        grad_norm = self.gradient_norm()  # the same on every rank: they all take the same branch
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss))
+        if skipped and self.cfg.training.on_nonfinite == "error":
+            raise MegalignError(
+                f"step {self.step + 1}: the loss is {loss} and the gradient norm {grad_norm}; nothing was updated "
+                "or saved. Lower training.lr, check the data (tools/inspect_dataset.py --verify full) and the "
+                "checkpoint it started from, or set training.on_nonfinite=skip to skip such steps")
+        if skipped:
+            self.zero_grad()
+        else:
+            self.optimizer.step()
         self.scheduler.step(increment=1)
         self.step += 1
-        return (float(grad_norm) if grad_norm is not None else float("nan")), self.optimizer.param_groups[0]["lr"]
+        return grad_norm, self.optimizer.param_groups[0]["lr"], skipped
 
     def train_step(self, batches: BatchBuilder | None = None) -> StepResult:
         """One optimizer step on the sampler's next global batch (built by `batches`, default the run's)."""
         started = time.perf_counter()
         refs = self.sampler.next_global_batch()
         figures = self.forward_backward(refs, batches=batches)
-        grad_norm, lr = self.optimizer_step()
+        grad_norm, lr, skipped = self.optimizer_step(figures["loss"])
         lengths = (batches or self.batches).sequence_lengths(refs)
         return StepResult(
             step=self.step, loss=figures["loss"], lr=lr, grad_norm=grad_norm, sequences=len(lengths),
             tokens=int(sum(lengths)), seconds=time.perf_counter() - started,
-            flops=step_flops(self.cfg.model, self.cfg.model.padded_vocab_size, lengths),
+            flops=step_flops(self.cfg.model, self.cfg.model.padded_vocab_size, lengths), skipped=skipped,
         )
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def micro_batch(pack, positions="skipalign", fraction=1.0, cp=1, cp_rank=0, epoc
 
     cfg = updated(Config(), data={"positions": positions, "skipalign_fraction": fraction})
     builder = BatchBuilder([InMemoryPacks([pack, pack], vocab_size=1000)], cfg.data, SFT(cfg.training.loss),
-                           cfg.training.seed, cfg.model.max_position_embeddings, cp, cp_rank)
+                           cfg.training.seed, cfg.model.max_position_embeddings, 1000, cp, cp_rank)
     return builder.build(PackRef(0, 1, epoch))
 
 

@@ -44,3 +44,28 @@ def test_bad_config_is_a_one_line_error(dataset, tmp_path, override, message):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_diverging_run_stops_at_the_first_nonfinite_step_and_saves_nothing(dataset, tmp_path):
+    out = tmp_path / "run"
+    done = train(f"data.path={dataset}", f"run.output_dir={out}", "training.steps=8", "training.global_batch=2",
+                 "training.lr=1e9", "training.warmup_fraction=0", "training.clip_grad=0", "run.progress=false")
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step ") and "nothing was updated or saved" in last, last
+    step = int(last.split()[2].rstrip(":"))
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, step))  # every finite step, not the bad one
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step_*"))
+    assert json.loads((out / "run_status.json").read_text())["status"] == "invalid"
+
+
+def test_nonfinite_steps_can_be_skipped(dataset, tmp_path):
+    out = tmp_path / "run"
+    done = train(f"data.path={dataset}", f"run.output_dir={out}", "training.steps=6", "training.global_batch=2",
+                 "training.lr=1e9", "training.warmup_fraction=0", "training.clip_grad=0", "run.progress=false",
+                 "training.on_nonfinite=skip")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and any(r["skipped"] for r in records)
+    assert "not finite, skipped" in done.stdout
