@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -402,7 +401,9 @@ def _validate_data(cfg: Config) -> None:
         raise MegalignError(f"config key data.weights: {len(cfg.data.weights)} weights for {len(paths)} paths")
     if cfg.data.weights is not None and (min(cfg.data.weights) < 0 or sum(cfg.data.weights) <= 0):
         raise MegalignError("config key data.weights: weights must be >= 0 with a positive sum")
-    metas = [json.loads(open(p + ".json").read()) for p in paths]
+    from megalign.data.packed_dataset import read_metadata
+
+    metas = [read_metadata(p) for p in paths]  # one-line errors for damaged metadata
     vocab = {m["tokenizer"]["sha256"] for m in metas}
     if len(vocab) > 1:
         raise MegalignError("config key data.path: the datasets were made with different tokenizers")

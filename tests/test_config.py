@@ -11,7 +11,8 @@ from megalign.errors import MegalignError
 @pytest.fixture()
 def dataset_prefix(tmp_path):
     """Only the metadata file matters to validation."""
-    meta = {"tokenizer": {"sha256": "x", "vocab_size": 1000}, "seq_length": 1024}
+    meta = {"format_version": 1, "tokenizer": {"sha256": "x", "vocab_size": 1000}, "seq_length": 1024,
+            "num_samples": 0, "num_packs": 0, "files": {}}
     (tmp_path / "ds.json").write_text(json.dumps(meta))
     return str(tmp_path / "ds")
 
@@ -73,6 +74,16 @@ def test_rules_between_keys(dataset_prefix, overrides, world, message):
     with pytest.raises(MegalignError) as e:
         validate(cfg, world_size=world)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("content", ['{"format_version": 1}', '{"format_version": 1, "num_samples": "3"}',
+                                     "[]", "\udcff", '{"format_version": 1, "num_samples": 1, "num_packs": 1, '
+                                     '"seq_length": 8, "tokenizer": {"vocab_size": 10}, "files": {}}'])
+def test_damaged_dataset_metadata_is_one_line_naming_the_file(tmp_path, content):
+    (tmp_path / "ds.json").write_text(content, errors="surrogateescape")
+    with pytest.raises(MegalignError) as e:
+        validate(load_config(None, [f"data.path={tmp_path}/ds"]), world_size=1)
+    assert str(e.value).startswith(f"{tmp_path}/ds.json") and "\n" not in str(e.value), str(e.value)
 
 
 def test_missing_data_path(tmp_path):

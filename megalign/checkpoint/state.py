@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from megalign import megatron_compat
-from megalign.checkpoint.store import CheckpointStore, read_manifest, step_dir_name
+from megalign.checkpoint.store import (CheckpointStore, checksum, damaged_files, file_sizes, read_manifest, share_of,
+                                       step_dir_name)
 from megalign.errors import MegalignError
 
 log = logging.getLogger("megalign")
@@ -97,15 +98,43 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
         store.begin(step)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(state, str(store.partial_dir(step)))
+    partial = store.partial_dir(step)
+    dist_checkpointing.save(state, str(partial))
     if dist.is_initialized():
         dist.barrier()  # every rank has written its shards
+    # every rank hashes its share of the files, in parallel
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {name: checksum(partial / name) for name in share_of(list(file_sizes(partial)), rank, world)}
+    shares = [mine]
+    if dist.is_initialized():
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
     final = store.root / step_dir_name(step)
     if rank0:
-        final = store.publish(step, manifest, keep)
+        final = store.publish(step, manifest, keep, checksums={k: v for share in shares for k, v in share.items()})
     if dist.is_initialized():
         dist.barrier()  # nobody reads `latest` before it is written
     return final
+
+
+def verify_checksums(path: Path, manifest: dict) -> None:
+    """Every file of the checkpoint against the checksum recorded at save, each rank checking its share in
+    parallel; a damaged file is the same one-line error on every rank. (Checkpoints written before checksums
+    were recorded have none to check.)"""
+    recorded = (manifest.get("checksums") or {}).get("files")
+    if not recorded:
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = damaged_files(path, recorded, share_of(list(recorded), rank, world))
+    every = [found]
+    if dist.is_initialized():
+        every = [None] * world
+        dist.all_gather_object(every, found)
+    damaged = sorted(name for names in every for name in names)
+    if damaged:
+        raise MegalignError(f"checkpoint {path}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''} "
+                            "fail their checksum (damaged after they were written); resume from an older "
+                            "checkpoint with checkpoint.resume_from=DIR")
 
 
 def _read(path: Path, state: dict) -> dict:
@@ -141,6 +170,9 @@ def resolve(path: str | Path) -> Path:
 def check_model(path: Path, identity: dict) -> dict:
     """The manifest of `path`, if its model has the shape of `identity` (model_identity)."""
     manifest = read_manifest(path)
+    if not isinstance(manifest.get("model"), dict):
+        raise MegalignError(f"checkpoint {path}: its manifest describes no model (key 'model'); not a checkpoint "
+                            "megalign wrote, or a damaged one")
     problems = shape_mismatches(manifest["model"], identity)
     if problems:
         raise MegalignError(f"checkpoint {path} holds a model of another shape: " + "; ".join(problems) +
@@ -153,6 +185,7 @@ def load_weights(model, path: str | Path, model_cfg) -> dict:
     """Load the model weights of any checkpoint (weights or training) into `model` at this run's layout."""
     path = resolve(path)
     manifest = agree(lambda: check_model(path, model_identity(model_cfg)))
+    verify_checksums(path, manifest)
     loaded = _read(path, {"model": model.sharded_state_dict()})
     model.load_state_dict(loaded["model"])
     return manifest
@@ -270,6 +303,7 @@ def load_training(parts: TrainingParts, path: str | Path, identity: RunIdentity,
     state of the same shape as the saved one (the run's fresh sampler's). Returns the rest."""
     path = Path(path)
     manifest = agree(lambda: check_training(path, identity))
+    verify_checksums(path, manifest)
     same_layout = manifest["layout"] == layout_identity(parts.layout)
     state = _state(parts, 0, sampler, rng_state() if same_layout else None, is_loading=True)
     loaded = _read(path, state)

@@ -103,13 +103,31 @@ def read_metadata(prefix: str) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MegalignError(f"{path} is not valid JSON ({e}); re-run preprocessing") from None
-    version = meta.get("format_version")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != fmt.FORMAT_VERSION:
         raise MegalignError(
             f"{path} has format_version {version!r}; this megalign reads version {fmt.FORMAT_VERSION}. "
             "Re-run tools/preprocess_data.py with this version"
         )
+    problem = _metadata_problem(meta)
+    if problem:
+        raise MegalignError(f"{path}: {problem}; the metadata is damaged: re-run preprocessing")
     return meta
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """What is wrong with the shape of a dataset's metadata (the keys readers use), or None."""
+    for key, kind in (("num_samples", int), ("num_packs", int), ("seq_length", int), ("tokenizer", dict),
+                      ("files", dict)):
+        if not isinstance(meta.get(key), kind):
+            return f"key {key!r} is missing or not a {kind.__name__}"
+    tokenizer = meta["tokenizer"]
+    if not isinstance(tokenizer.get("vocab_size"), int) or not isinstance(tokenizer.get("sha256"), str):
+        return "key 'tokenizer' lacks an int 'vocab_size' or a str 'sha256'"
+    for name, entry in meta["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            return f"files[{name!r}] lacks an int 'bytes' or a str 'sha256'"
+    return None
 
 
 def _verify_files(prefix: str, meta: dict, verify: str) -> None:

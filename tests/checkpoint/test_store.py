@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from megalign.checkpoint.state import verify_checksums
 from megalign.checkpoint.store import CheckpointStore, read_manifest
 from megalign.errors import MegalignError
 
@@ -67,3 +68,37 @@ def test_damaged_checkpoints_are_named(tmp_path):
         read_manifest(path)
     with pytest.raises(MegalignError, match="no megalign.json"):
         read_manifest(tmp_path)
+
+
+def test_a_damaged_file_of_the_right_size_fails_its_checksum(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1, payload=b"0123456789")
+    manifest = read_manifest(path)
+    assert manifest["checksums"]["algorithm"] == "xxh3_64" and set(manifest["checksums"]["files"]) == {"shard.distcp"}
+    verify_checksums(path, manifest)  # intact
+    (path / "shard.distcp").write_bytes(b"0123456780")  # one byte flipped, same size: sizes cannot tell
+    manifest = read_manifest(path)
+    with pytest.raises(MegalignError, match="shard.distcp fail their checksum .*checkpoint.resume_from"):
+        verify_checksums(path, manifest)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b'{"format_version": 1}',
+                                     b'{"format_version": 1, "kind": "training", "step": 1, "files": {"a": "x"}}',
+                                     b'{"format_version": 1, "kind": "training", "step": 1, "files": {}, '
+                                     b'"checksums": {"algorithm": "md5", "files": {}}}'])
+def test_a_malformed_manifest_is_one_line_naming_it(tmp_path, content):
+    path = save(CheckpointStore(tmp_path), 1)
+    (path / "megalign.json").write_bytes(content)
+    with pytest.raises(MegalignError) as e:
+        read_manifest(path)
+    message = str(e.value)
+    assert message.startswith(f"checkpoint {path / 'megalign.json'}: ") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("tracker", [b"\xff\xfe\x00", b"../../etc\n", b""])
+def test_a_damaged_tracker_counts_as_lost(tmp_path, tracker):
+    store = CheckpointStore(tmp_path)
+    save(store, 1)
+    save(store, 2)
+    (tmp_path / "latest").write_bytes(tracker)
+    assert store.latest().name == "step_0000002"
