@@ -1,4 +1,5 @@
-"""Model shapes of the families megalign aligns. A preset fills `model.*`; keys set in the config win."""
+"""Model shapes of the families megalign aligns, with the released models' RoPE settings. A preset fills
+`model.*`; keys set in the config win."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ PRESETS: dict[str, dict] = {
                       max_position_embeddings=8192),
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                         num_query_groups=8, vocab_size=128256, norm_epsilon=1e-5, rotary_base=500000.0,
-                        max_position_embeddings=131072, tie_embeddings=True),
+                        max_position_embeddings=131072, tie_embeddings=True, rope_scaling="llama3",
+                        rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_position_embeddings=8192),
     "qwen2-7b": dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28,
                      num_query_groups=4, vocab_size=152064, norm_epsilon=1e-6, rotary_base=1000000.0,
                      add_qkv_bias=True, max_position_embeddings=32768),
