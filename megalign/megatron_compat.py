@@ -13,6 +13,11 @@ Patches that live here:
   4. set_rope_attention_scaling   YaRN's attention scaling through the three MLA-only fields megatron's Attention
                                   reads for every RoPE model (`_yarn_get_concentration_factor_from_config`)
   5. CHECKPOINT_LOAD_ERRORS       torch.distributed.checkpoint's CheckpointException is a BaseException
+ 12. results_queue_that_dies_with_the_trainer
+                                  dist_checkpointing's writer keeps a spawn-context Manager process (its results
+                                  queue) for the life of the trainer; killed with SIGKILL, the trainer leaves it
+                                  (and its resource tracker) orphaned: megalign starts that Manager itself, with a
+                                  parent-death signal
 
 Workarounds that live with the code they serve (pointers):
   6. model/rope.py GPTModelWithPositions._preprocess   overrides GPTModel's private `_preprocess` and relies on
@@ -134,3 +139,37 @@ def _checkpoint_load_errors() -> tuple[type[BaseException], ...]:
 
 
 CHECKPOINT_LOAD_ERRORS = _checkpoint_load_errors()
+
+
+# -- 12. dist_checkpointing's results-queue Manager dies with the trainer ---------------------------------------
+def _die_with_parent() -> None:
+    """In a child process: the kernel sends it SIGKILL when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not glibc Linux: the Manager outlives a killed trainer, as upstream's does
+        pass
+
+
+def results_queue_that_dies_with_the_trainer():
+    """Give megatron's FileSystemWriterAsync its results queue from a Manager started here, whose server process
+    dies with this process (megatron starts a plain one on the first save: filesystem_async.py
+    `_get_write_results_queue`). Idempotent; returns the Manager (or None if megatron already made its own)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    global _results_manager
+    if filesystem_async._results_queue is not None:
+        return _results_manager
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _results_manager = manager
+    return manager
+
+
+_results_manager = None

@@ -251,10 +251,47 @@ def test_the_schedule_still_divides_the_returned_loss_in_place():
     assert "output_tensor /= " in inspect.getsource(schedules)  # weighted_loss reports a copy
 
 
+# -- 12. the checkpoint writer's Manager process -----------------------------------------------------------------
+def test_megatron_still_keeps_its_results_queue_in_the_module_global():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    source = inspect.getsource(filesystem_async._get_write_results_queue)
+    assert "global _results_queue" in source and "Manager()" in source  # what entry 12 pre-empts
+
+
+def test_the_results_queue_manager_dies_with_a_killed_trainer(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "trainer.py"
+    script.write_text("import sys, time\n"
+                      "from megalign import megatron_compat\n"
+                      "if __name__ == '__main__':\n"
+                      "    manager = megatron_compat.results_queue_that_dies_with_the_trainer()\n"
+                      "    print(manager._process.pid, flush=True)\n"
+                      "    time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+    manager_pid = int(trainer.stdout.readline())
+    assert psutil.pid_exists(manager_pid)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(manager_pid) and psutil.Process(manager_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the Manager outlived the killed trainer"
+        time.sleep(0.05)
+
+
 # -- the list is the module's ---------------------------------------------------------------------------------
 def test_the_module_lists_every_workaround_it_holds():
     doc = megatron_compat.__doc__
     for name in ("quiet_known_warnings", "load_optimizer_state", "SCHEDULER_FOLLOWS_CONFIG",
-                 "set_rope_attention_scaling", "CHECKPOINT_LOAD_ERRORS"):
+                 "set_rope_attention_scaling", "CHECKPOINT_LOAD_ERRORS", "results_queue_that_dies_with_the_trainer"):
         assert name in doc and hasattr(megatron_compat, name), name
-    assert np.all([f"{i}." in doc for i in range(1, 12)])
+    assert np.all([f"{i}." in doc for i in range(1, 13)])

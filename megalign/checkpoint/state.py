@@ -99,6 +99,7 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
     if dist.is_initialized():
         dist.barrier()
     partial = store.partial_dir(step)
+    megatron_compat.results_queue_that_dies_with_the_trainer()  # no orphaned writer process after a SIGKILL
     dist_checkpointing.save(state, str(partial))
     if dist.is_initialized():
         dist.barrier()  # every rank has written its shards
