@@ -172,7 +172,14 @@ def test_bad_checkpoints_are_one_line_errors(dataset, other_dataset, tmp_path):
     index = ckpt / ".metadata"  # megatron's index of the shards, damaged but the same size
     index.write_bytes(b"\0" * index.stat().st_size)
     damaged = train(1, dataset, source, "training.steps=3", "training.global_batch=2", expect_ok=False)
-    cases.append((damaged, "cannot be read"))
+    cases.append((damaged, ".metadata fail their checksum (damaged after they were written)"))
+
+    manifest_file = ckpt / "megalign.json"  # a checkpoint from before checksums: megatron's own read fails
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["checksums"]
+    manifest_file.write_text(json.dumps(manifest))
+    unchecked = train(1, dataset, source, "training.steps=3", "training.global_batch=2", expect_ok=False)
+    cases.append((unchecked, "cannot be read"))
 
     shard = sorted(ckpt.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
