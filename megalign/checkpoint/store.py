@@ -5,6 +5,8 @@
       step_0000100/             a complete checkpoint: megatron dist_checkpointing files + megalign.json
       step_0000200/
       .partial-step_0000300/    a save in progress (or one killed mid-way: removed by the next save)
+      abandoned-step_0000400/   a checkpoint newer than one published later: the run went back to an older
+                                step (checkpoint.resume_from); kept, but never resumed from or counted by keep
 
 A checkpoint directory is complete when it holds `megalign.json`, which is written after every rank has
 finished writing and lists each file with its size and its xxh3-64 checksum (computed by the ranks in parallel,
@@ -26,6 +28,7 @@ from megalign.errors import MegalignError
 MANIFEST = "megalign.json"
 TRACKER = "latest"
 PARTIAL_PREFIX = ".partial-"
+ABANDONED_PREFIX = "abandoned-"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -129,9 +132,24 @@ class CheckpointStore:
         os.replace(partial, final)
         _fsync_dir(self.root)
         _write_atomically(self.root / TRACKER, final.name + "\n")
+        self._set_aside_newer_than(step)
         if keep:
             self.prune(keep)
         return final
+
+    def _set_aside_newer_than(self, step: int) -> list[Path]:
+        """Checkpoints of later steps than the one just published belong to a timeline the run left (it resumed
+        from an older step): renamed aside, so that neither a lost tracker nor pruning mistakes them for this
+        run's newest. Nothing is deleted."""
+        moved = []
+        for path in self.complete():
+            if int(_STEP_DIR.match(path.name).group(1)) > step:
+                target = self.root / f"{ABANDONED_PREFIX}{path.name}"
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+                moved.append(target)
+        return moved
 
     def prune(self, keep: int) -> list[Path]:
         """Remove all but the newest `keep` complete checkpoints (never the one the tracker names)."""

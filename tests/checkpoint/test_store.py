@@ -102,3 +102,16 @@ def test_a_damaged_tracker_counts_as_lost(tmp_path, tracker):
     save(store, 2)
     (tmp_path / "latest").write_bytes(tracker)
     assert store.latest().name == "step_0000002"
+
+
+def test_going_back_to_an_older_step_sets_the_newer_ones_aside(tmp_path):
+    """resume_from step 2 while steps 3 and 4 exist: once step 3 of the new timeline is published, the old 4 is
+    renamed aside (not deleted), so a lost tracker cannot resume from it and keep does not count it."""
+    store = CheckpointStore(tmp_path)
+    for step in (1, 2, 3, 4):
+        save(store, step)
+    save(store, 3, keep=2)  # the new timeline's step 3 replaces the old one
+    assert [p.name for p in store.complete()] == ["step_0000002", "step_0000003"]
+    assert (tmp_path / "abandoned-step_0000004" / "megalign.json").is_file()
+    (tmp_path / "latest").unlink()
+    assert store.latest().name == "step_0000003"
