@@ -1,5 +1,6 @@
 """The command-line tools: one-line errors with a non-zero exit, a summary, inspect and its plot."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_preprocess_then_inspect_with_plot(tmp_path, bpe_tokenizer_dir, short_js
     prefix = tmp_path / "ds"
     result = run_tool("preprocess_data.py", "--input", short_jsonl, "--tokenizer", bpe_tokenizer_dir,
                       "--chat-template", "llama3", "--seq-length", 512, "--output-prefix", prefix,
-                      "--packing", "ffs", "--workers", 2)
+                      "--packing", "ffs", "--workers", min(2, len(os.sched_getaffinity(0))))
     assert result.returncode == 0, result.stderr
     assert "records: read 30, kept 30 samples" in result.stdout and "tokens/s" in result.stdout
     assert "Warning" not in result.stderr

@@ -3,7 +3,10 @@
 
   import  HF model directory -> megalign weights checkpoint (loads at any TP/PP/DP; train with
           checkpoint.init_from=OUT)
-  export  megalign checkpoint (weights or training) -> HF model directory (safetensors + config.json)
+  export  megalign checkpoint (weights or training) -> HF model directory (safetensors + config.json +
+          generation_config.json: the original's token ids, plus the end-of-turn token of a run's chat template)
+
+Both write beside --out and replace an earlier --out (with --overwrite) only once the new output is complete.
 
 Conversion runs in one CPU process and holds about one copy of the model in memory. See megalign/convert/.
 """
@@ -31,7 +34,8 @@ def parser() -> Parser:
     i.add_argument("--max-position-embeddings", type=int, metavar="N",
                    help="lower the model's context to N (e.g. to its sliding window, up to which full attention "
                         "is exact)")
-    i.add_argument("--overwrite", action="store_true", help="replace an earlier import at --out")
+    i.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier import at --out (kept until the new one is complete)")
     e = sub.add_parser("export", help="megalign checkpoint -> HF model directory")
     e.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a root holding checkpoints (its newest)")
@@ -41,13 +45,14 @@ def parser() -> Parser:
                    help="default: the imported model's, else from the model (GLM: interleaved RoPE; Qwen2: q/k/v "
                         "bias only; else Llama)")
     e.add_argument("--hf-config", metavar="FILE|DIR",
-                   help="the original config.json (e.g. IMPORT/hf): its architecture and token ids are kept; "
-                        "default: the one recorded by the import")
+                   help="the original config.json (e.g. IMPORT/hf): its architecture and token ids (and the "
+                        "generation_config.json beside it) are kept; default: the ones recorded by the import")
     e.add_argument("--tokenizer", metavar="FILE|DIR", help="copy tokenizer files from here (e.g. IMPORT/hf)")
     e.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="dtype of the safetensors (default: the checkpoint's)")
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB; e.g. 500MB, 2GiB)")
-    e.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --out (kept until the new one is complete)")
     return p
 
 
@@ -87,6 +92,7 @@ def convert(args) -> None:
         print(f"exported {r['checkpoint']} ({r['kind']} checkpoint, step {r['step']}) as {r['architecture']} "
               f"({r['dtype']}, {r['bytes'] / 1e6:.1f} MB) to {r['out']} in {r['seconds']:.1f} s")
         print(f"  files: {', '.join(r['files'])}")
+        print(f"  generation: {r['generation']}")
 
 
 if __name__ == "__main__":

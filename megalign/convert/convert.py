@@ -6,14 +6,21 @@ load, so one import serves every TP/PP/DP layout, and any checkpoint exports fro
     import:  config.json -> ModelConfig; safetensors, file by file -> megatron GPTModel -> save_weights(OUT)
              (+ OUT/model.yaml, OUT/hf/ with config.json and the tokenizer files)
     export:  checkpoint manifest -> ModelConfig -> GPTModel <- load_weights -> safetensors shards + config.json
+             + generation_config.json (the original's token ids, plus the end-of-turn token of the chat template a
+             training run was trained with)
+
+Both write into a sibling scratch directory and replace OUT only once the new output is complete, so a conversion
+that fails or is killed leaves an earlier OUT as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +38,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.tiktoken", "generation_config.json")
 HF_DIR = "hf"  # OUT/hf/: the source's config.json and tokenizer files, for training and a later export
 MODEL_YAML = "model.yaml"
+GENERATION_CONFIG = "generation_config.json"
+# siblings of OUT: the new output while it is written, and the old one between the two renames that replace it
+SCRATCH_PREFIX, ASIDE_PREFIX = ".convert-new-", ".convert-old-"
 
 
 # -- one process, TP=1/PP=1 ----------------------------------------------------------------------------
@@ -116,7 +126,33 @@ def _check_tensors(pieces: list[Piece], found: dict, model_cfg: ModelConfig, arc
     return ignored
 
 
+def _training_checkpoints_around(out: Path) -> Path | None:
+    """The checkpoint directory of a training run that `out` is or lies inside (a directory holding
+    step_*/megalign.json of kind "training"), or None."""
+    for directory in (out, *out.parents):
+        if not directory.is_dir():
+            continue
+        for manifest in directory.glob("step_*/megalign.json"):
+            try:
+                kind = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue
+            if kind == "training":
+                return directory
+    return None
+
+
 def _prepare_output(out: Path, overwrite: bool, what: str) -> None:
+    """Check that `out` may receive the new output. Removes nothing: `_replacing` swaps the new one in."""
+    aside = out.parent / f"{ASIDE_PREFIX}{out.name}"
+    if aside.is_dir() and not out.exists():
+        os.replace(aside, out)  # a replace killed between its two renames: the old output is whole, put it back
+    if what == "import":
+        run = _training_checkpoints_around(out.resolve())
+        if run is not None:
+            where = "is" if run == out.resolve() else f"is inside {run},"
+            raise OptionError("out", f"{out} {where} the checkpoint directory of a training run (nothing removed); "
+                              "an import there would replace or mix with its checkpoints: choose a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise OptionError("out", f"{out} exists and is not empty; choose a new one or set {{overwrite}}",
@@ -126,7 +162,29 @@ def _prepare_output(out: Path, overwrite: bool, what: str) -> None:
         if not looks_ours:
             raise OptionError("overwrite", f"is set, but {out} does not look like an earlier {what} (nothing "
                               "removed); choose a new {out}", mentions=("out",))
-        shutil.rmtree(out)
+
+
+@contextmanager
+def _replacing(out: Path):
+    """A fresh scratch directory beside `out` to write the new output into. When the block completes, the new
+    output takes the place of `out` (the old one renamed aside, the new one renamed in, then the old removed); when
+    it fails, the scratch is removed and `out` is untouched. A kill leaves `out` whole, or (between the renames)
+    the old output aside, which the next conversion to `out` puts back."""
+    scratch, aside = out.parent / f"{SCRATCH_PREFIX}{out.name}", out.parent / f"{ASIDE_PREFIX}{out.name}"
+    if scratch.exists():
+        shutil.rmtree(scratch)  # left by a conversion that was killed
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if aside.exists():
+        shutil.rmtree(aside)  # an older output, left by a replace killed after the new one was in place
+    if out.exists():
+        os.replace(out, aside)
+    os.replace(scratch, out)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _copy_side_files(source: Path, target: Path, names=TOKENIZER_FILES) -> list[str]:
@@ -164,6 +222,20 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str = "auto", max_posi
     params_dtype = _import_dtype(dtype, {found[p.hf][1] for p in pieces})
     _prepare_output(out, overwrite, "import")
 
+    from megalign.checkpoint.store import step_dir_name
+
+    with _replacing(out) as scratch:
+        model, kept = _import_into(scratch, out, hf_dir, hf, arch, model_cfg, params_dtype, pieces, padding, reader)
+    return {"architecture": arch, "checkpoint": str(out / step_dir_name(0)), "model_yaml": str(out / MODEL_YAML),
+            "hf_files": kept, "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(params_dtype).removeprefix("torch."), "vocab_size": model_cfg.vocab_size,
+            "padded_vocab_size": padded, "ignored": ignored, "seconds": time.perf_counter() - started,
+            "model": model_cfg}
+
+
+def _import_into(scratch: Path, out: Path, hf_dir: Path, hf: dict, arch: str, model_cfg: ModelConfig,
+                 params_dtype: torch.dtype, pieces: list[Piece], padding, reader: SafetensorsReader):
+    """The import's files, written into `scratch` (the new `out`); the model and the files kept in hf/."""
     model = build_full_model(model_cfg, params_dtype)
     coverage = Coverage(megatron_parameters(model))
     by_name = {p.hf: p for p in pieces}
@@ -184,16 +256,16 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: str = "auto", max_posi
 
     source = {"format": "huggingface", "path": str(hf_dir.resolve()), "architecture": arch, "hf_config": hf,
               "dtype": str(params_dtype).removeprefix("torch.")}
-    checkpoint = save_weights(model, out, model_cfg, source=source)
-    kept = _copy_side_files(hf_dir, out / HF_DIR, ("config.json",) + TOKENIZER_FILES)
+    if (hf_dir / GENERATION_CONFIG).is_file():
+        # in the manifest, it travels into every training checkpoint started from this one (for the export)
+        source["generation_config"] = _read_json(hf_dir / GENERATION_CONFIG)
+    save_weights(model, scratch, model_cfg, source=source)
+    kept = _copy_side_files(hf_dir, scratch / HF_DIR, ("config.json",) + TOKENIZER_FILES)
     header = (f"# The model of {hf_dir} ({arch}), imported by tools/convert_checkpoint.py.\n"
               f"# Train from it:  python -m megalign.train --config {out / MODEL_YAML} data.path=PREFIX "
               f"checkpoint.init_from={out}\n")
-    _write_model_yaml(out / MODEL_YAML, model_cfg, header)
-    return {"architecture": arch, "checkpoint": str(checkpoint), "model_yaml": str(out / MODEL_YAML),
-            "hf_files": kept, "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": source["dtype"], "vocab_size": model_cfg.vocab_size, "padded_vocab_size": padded,
-            "ignored": ignored, "seconds": time.perf_counter() - started, "model": model_cfg}
+    _write_model_yaml(scratch / MODEL_YAML, model_cfg, header)
+    return model, kept
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -226,7 +298,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     with model.safetensors.index.json) and config.json; the tokenizer files of `tokenizer` when given.
 
     config.json keeps the non-model keys (token ids, ...) of `hf_config` (a config.json or a directory with one;
-    by default the one an import recorded in the checkpoint's manifest)."""
+    by default the one an import recorded in the checkpoint's manifest). generation_config.json is the original's
+    (beside `hf_config`, among the `tokenizer` files, or recorded by the import); for a training checkpoint its
+    eos_token_id also holds the token that ends an assistant turn in the run's chat template (read from the
+    training data's PREFIX.json). The summary's "generation" says which, or why the template is unknown."""
     started = time.perf_counter()
     from megalign.checkpoint import read_manifest, resolve
 
@@ -252,6 +327,12 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     config = hfc.model_config_to_hf(model_cfg, arch, dtype_name, base)
     shard_bytes = parse_size(max_shard_size)
     tokenizer_source = _tokenizer_files(tokenizer) if tokenizer is not None else []
+
+    original = _original_generation_config(hf_config, tokenizer_source, source, path, manifest["kind"])
+    generation, generation_note = _generation_config(original, config, manifest, tokenizer)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(key) is None and generation.get(key) is not None:
+            config[key] = generation[key]  # no original id to keep: the one generation uses
     _prepare_output(out, overwrite, "export")
 
     model = build_full_model(model_cfg, stored)
@@ -261,28 +342,152 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     params = megatron_parameters(model)
     pieces, _ = plan(model_cfg, arch, padded)
 
-    partial = out.parent / f".partial-{out.name}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    writer = ShardedWriter(partial, shard_bytes)
-    with torch.no_grad():
-        for piece in pieces:
-            tensor = piece.region(params[piece.megatron]).reshape(piece.hf_shape)
-            # a copy: safetensors refuses tensors that share storage (q, k and v are views of one parameter)
-            writer.add(piece.hf, tensor.to(out_dtype, copy=True))
-    files = writer.close()
-    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    copied = []
-    for file in tokenizer_source:
-        shutil.copy2(file, partial / file.name)
-        copied.append(file.name)
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    partial.rename(out)
-    return {"architecture": arch, "out": str(out), "files": files + ["config.json"] + copied, "dtype": dtype_name,
+    with _replacing(out) as scratch:
+        writer = ShardedWriter(scratch, shard_bytes)
+        with torch.no_grad():
+            for piece in pieces:
+                tensor = piece.region(params[piece.megatron]).reshape(piece.hf_shape)
+                # a copy: safetensors refuses tensors that share storage (q, k and v are views of one parameter)
+                writer.add(piece.hf, tensor.to(out_dtype, copy=True))
+        files = writer.close() + ["config.json"]
+        (scratch / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if generation:
+            (scratch / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+            files.append(GENERATION_CONFIG)
+        for file in tokenizer_source:
+            if file.name != GENERATION_CONFIG:  # written above, from the original's
+                shutil.copy2(file, scratch / file.name)
+                files.append(file.name)
+    return {"architecture": arch, "out": str(out), "files": files, "dtype": dtype_name,
             "checkpoint": str(path), "kind": manifest["kind"], "step": manifest["step"],
-            "bytes": writer.total_bytes, "seconds": time.perf_counter() - started}
+            "generation": generation_note, "bytes": writer.total_bytes, "seconds": time.perf_counter() - started}
+
+
+# -- generation_config.json ------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MegalignError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MegalignError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _original_generation_config(hf_config, tokenizer_files: list[Path], source: dict, path: Path,
+                                kind: str) -> dict | None:
+    """The original model's generation_config.json: beside `hf_config`, among the tokenizer files, as the import
+    recorded it in the manifest, or (an import made before imports recorded it) in the import's OUT/hf/."""
+    candidates = [f for f in tokenizer_files if f.name == GENERATION_CONFIG]
+    if hf_config is not None:
+        given = Path(hf_config)
+        candidates.insert(0, (given if given.is_dir() else given.parent) / GENERATION_CONFIG)
+    for candidate in candidates:
+        if candidate.is_file():
+            return _read_json(candidate)
+    if isinstance(source.get("generation_config"), dict):
+        return dict(source["generation_config"])
+    legacy = path.parent / HF_DIR / GENERATION_CONFIG
+    if kind == "weights" and source.get("format") == "huggingface" and legacy.is_file():
+        return _read_json(legacy)
+    return None
+
+
+def _end_of_turn_tokens(template: str, eos: str | None) -> list[str] | None:
+    """The special tokens that end an assistant turn in a built-in chat template: those it gives the loss to
+    (templates.py), found on a probe conversation; None for a template whose tokens megalign does not place (hf)."""
+    from megalign.data import templates
+    from megalign.data.records import Conversation, Message
+
+    eos = eos or "</s>"  # as templates.make_encoder falls back
+    to_pieces = {"llama2": lambda c: templates.llama2_pieces(c, "<s>", eos), "llama3": templates.llama3_pieces,
+                 "chatml": templates.chatml_pieces, "chatglm3": lambda c: templates.chatglm3_pieces(c, eos)}
+    if template not in to_pieces:
+        return None
+    probe = Conversation(tuple(Message(role, "x") for role in ("user", "assistant", "user", "assistant")))
+    return list(dict.fromkeys(p.special for p in to_pieces[template](probe) if p.special is not None and p.loss))
+
+
+def _tokenizer_of(recorded: dict, tokenizer_option):
+    """The tokenizer a dataset was made with (if still there, unchanged), else the one exported with the model."""
+    from megalign.data.tokenizer import load_tokenizer
+
+    candidates = [(recorded.get("path"), recorded.get("sha256")), (tokenizer_option, None)]
+    for where, sha256 in candidates:
+        if where is None:
+            continue
+        try:
+            tokenizer = load_tokenizer(where)
+        except MegalignError:
+            continue
+        if sha256 is None or tokenizer.fingerprint == sha256:
+            return tokenizer
+    return None
+
+
+def _trained_end_of_turn(manifest: dict, tokenizer_option) -> tuple[dict[str, int] | None, str]:
+    """For a training checkpoint: ({token: id} of the tokens that end an assistant turn in the chat template of its
+    training data, the template's name), read from each dataset's PREFIX.json; (None, why) when it cannot be known."""
+    templates_seen, ends = [], {}
+    for dataset in manifest.get("data") or []:
+        meta_path = Path(f"{dataset.get('path')}.json")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            recorded = {suffix: f["sha256"] for suffix, f in meta["files"].items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None, f"the training data's {meta_path} cannot be read"
+        if recorded != dataset.get("sha256"):
+            return None, f"{meta_path} now describes other data than the run was trained on"
+        template = meta.get("chat_template")
+        tokenizer = _tokenizer_of(meta.get("tokenizer") or {}, tokenizer_option)
+        tokens = _end_of_turn_tokens(template, tokenizer.eos_token if tokenizer else None)
+        if tokens is None:
+            return None, f"the training data's chat template {template!r} is not one whose tokens megalign places"
+        if tokenizer is None:
+            return None, (f"the tokenizer of {meta_path} is gone or changed, so the ids of {', '.join(tokens)} are "
+                          "unknown (export with tokenizer=DIR)")
+        try:
+            ends.update({token: tokenizer.special_id(token) for token in tokens})
+        except MegalignError as e:
+            return None, str(e)
+        templates_seen.append(template)
+    if not templates_seen:
+        return None, "the checkpoint records no training data"
+    return ends, "/".join(dict.fromkeys(templates_seen))
+
+
+def _ids(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _generation_config(original: dict | None, config: dict, manifest: dict, tokenizer_option) -> tuple[dict, str]:
+    """generation_config.json for the export, and one line saying where its eos_token_id comes from.
+
+    The original's (or, without one, the token ids of config.json, which is what transformers derives), plus, for
+    a training checkpoint, the tokens that end an assistant turn in its chat template: a model trained on ChatML
+    ends its answers with <|im_end|>, not the tokenizer's eos, and generate() must stop there."""
+    generation = dict(original or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if generation.get(key) is None and config.get(key) is not None:
+            generation[key] = config[key]
+    eos = _ids(generation.get("eos_token_id"))
+    kept = f"eos_token_id {eos} from the original" if eos else "no eos_token_id (the original has none)"
+    if manifest["kind"] != "training":
+        return generation, f"{kept} (a {manifest['kind']} checkpoint: no chat template trained in)"
+    ends, what = _trained_end_of_turn(manifest, tokenizer_option)
+    if ends is None:
+        return generation, (f"{kept} only: the chat template of the training run is unknown ({what}); add its "
+                            f"end-of-turn token id to eos_token_id in {GENERATION_CONFIG}")
+    added = {token: i for token, i in ends.items() if i not in eos}
+    if not added:
+        return generation, f"{kept}, which ends an assistant turn of the {what} template too"
+    kept = f"{eos} from the original + " if eos else ""
+    eos += list(added.values())
+    generation["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    generation.pop("_from_model_config", None)  # no longer what transformers would derive from config.json
+    tokens = ", ".join(f"{token} ({i})" for token, i in added.items())
+    return generation, (f"eos_token_id {eos}: {kept}{tokens}, ending an assistant turn in the {what} template the "
+                        "run was trained with")
 
 
 def _tokenizer_files(tokenizer: str | Path) -> list[Path]:

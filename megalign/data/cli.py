@@ -30,7 +30,9 @@ def preprocess_main(argv: list[str] | None = None) -> None:
                    help="samples longer than --seq-length: drop (default, counted as rejected) or truncate")
     p.add_argument("--max-reject-fraction", type=float, default=0.01,
                    help="fail when more than this fraction of records is rejected (default 0.01)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--max-record-bytes", type=int, default=64 << 20,
+                   help="reject (unread) a JSONL line longer than this (default 64 MiB)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1, at most the CPUs available)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -40,7 +42,8 @@ def preprocess_main(argv: list[str] | None = None) -> None:
         inputs=args.inputs, ratios=args.ratios, tokenizer=args.tokenizer, chat_template=args.chat_template,
         seq_length=args.seq_length, packing=args.packing, group_size=args.group_size,
         output_prefix=args.output_prefix, overlength=args.overlength,
-        max_reject_fraction=args.max_reject_fraction, workers=args.workers, seed=args.seed,
+        max_reject_fraction=args.max_reject_fraction, max_record_bytes=args.max_record_bytes,
+        workers=args.workers, seed=args.seed,
         overwrite=args.overwrite, progress=False if args.no_progress else None,
     )
     result = p.call(preprocess, opts)

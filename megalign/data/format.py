@@ -5,6 +5,8 @@
   PREFIX_loss_mask.bin / PREFIX_loss_mask.idx  the same structure, uint8, 1 where a token is a target
   PREFIX.json                                  metadata: version, tokenizer, counts, stats, sizes, checksums
   PREFIX.rejects.jsonl                         every rejected record: input, line, reason (a report, not data)
+Each is a symlink into the version directory that .NAME.current points at (writer.py: how publishing is atomic);
+a failed run leaves its rejects as a plain PREFIX.rejects.jsonl. PREFIX.lock exists while a run writes the prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ LOSS_MASK_SUFFIX = "_loss_mask"
 DATA_SUFFIXES = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
 META_SUFFIX = ".json"
 REJECTS_SUFFIX = ".rejects.jsonl"
+LOCK_SUFFIX = ".lock"
 
 
 def data_files(prefix: str) -> list[Path]:
@@ -29,6 +32,10 @@ def meta_file(prefix: str) -> Path:
 
 def rejects_file(prefix: str) -> Path:
     return Path(prefix + REJECTS_SUFFIX)
+
+
+def lock_file(prefix: str) -> Path:
+    return Path(prefix + LOCK_SUFFIX)
 
 
 def all_files(prefix: str) -> list[Path]:

@@ -5,9 +5,15 @@ Three passes, memory bounded by the number of samples (lengths), never by the nu
      processes parse, validate, apply the chat template and tokenize; spill kept samples to a scratch store,
      rejected records to PREFIX.rejects.jsonl
   2. pack the sample lengths
-  3. write the packs (megatron-core IndexedDatasetBuilder) and the metadata, then rename everything into place.
+  3. write the packs (megatron-core IndexedDatasetBuilder) and the metadata into a new version directory, then
+     publish it with one atomic rename: PREFIX is the previous complete dataset or the new one, never neither
+     (writer.py describes the layout).
 Records are handed out in fixed-size chunks and collected in order, so the output is byte-identical for any
 number of workers.
+
+A run holds PREFIX.lock throughout, so a second run on the prefix fails instead of mixing files; holding it, a
+run removes the version and scratch directories that killed runs left. A bad record is a rejected record with
+its reason, never the end of the run; a file that cannot be read (a truncated .gz) is a MegalignError.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import threading
 import time
 from array import array
@@ -33,7 +38,7 @@ from tqdm import tqdm
 import megalign
 from megalign.data import format as fmt
 from megalign.data import packing, stats, writer
-from megalign.data.records import RecordRejected, RejectReason, open_lines, parse_record
+from megalign.data.records import OversizedLine, RecordRejected, RejectReason, open_lines, parse_record
 from megalign.data.sample_store import SampleStore
 from megalign.data.templates import TEMPLATE_NAMES, make_encoder
 from megalign.data.tokenizer import load_tokenizer
@@ -42,6 +47,7 @@ from megalign.errors import MegalignError, OptionError
 OVERLENGTH_POLICIES = ("drop", "truncate")
 CHUNK_RECORDS = 64
 CHUNK_BYTES = 4 << 20
+MAX_SEQ_LENGTH = 2**31 - 1  # megatron's .idx stores sequence lengths as int32
 
 
 @dataclass
@@ -58,6 +64,7 @@ class PreprocessOptions:
     max_reject_fraction: float = 0.01
     workers: int = 1
     seed: int = 1234
+    max_record_bytes: int = 64 << 20  # a longer line is rejected unread (memory stays bounded)
     overwrite: bool = False
     progress: bool | None = None  # None: only on a terminal
 
@@ -66,6 +73,8 @@ class PreprocessOptions:
         if not self.inputs:
             raise OptionError("inputs", "is empty: give at least one JSONL file")
         for path in self.inputs:
+            if os.path.isdir(path):
+                raise OptionError("inputs", f"{path} is a directory; give the JSONL files in it")
             if not os.path.isfile(path):
                 raise OptionError("inputs", f"{path}: no such file")
             if not os.access(path, os.R_OK):
@@ -76,12 +85,16 @@ class PreprocessOptions:
                                   "input in {inputs}", mentions=("inputs",))
             if any(not (r >= 0 and np.isfinite(r)) for r in self.ratios):
                 raise OptionError("ratios", f"{self.ratios}: each must be a finite number >= 0 (1 keeps an input as is)")
+            if not any(self.ratios):
+                raise OptionError("ratios", f"{self.ratios} are all 0, which keeps nothing; give at least one > 0")
         if self.chat_template not in TEMPLATE_NAMES:
             raise OptionError("chat_template", f"{self.chat_template!r} is unknown; valid: {', '.join(TEMPLATE_NAMES)}")
         if self.packing not in packing.STRATEGIES:
             raise OptionError("packing", f"{self.packing!r} is unknown; valid: {', '.join(packing.STRATEGIES)}")
         if self.seq_length < 2:
             raise OptionError("seq_length", f"must be at least 2, got {self.seq_length}")
+        if self.seq_length > MAX_SEQ_LENGTH:
+            raise OptionError("seq_length", f"must be at most 2**31-1 ({MAX_SEQ_LENGTH}), got {self.seq_length}")
         if self.group_size < 1:
             raise OptionError("group_size", f"must be at least 1, got {self.group_size}")
         if self.overlength not in OVERLENGTH_POLICIES:
@@ -90,13 +103,50 @@ class PreprocessOptions:
             raise OptionError("max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}")
         if self.workers < 1:
             raise OptionError("workers", f"must be at least 1, got {self.workers}")
-        out_dir = Path(self.output_prefix).parent
+        cpus = available_cpus()
+        if self.workers > cpus:
+            raise OptionError("workers", f"is {self.workers}, but this process may use {cpus} CPUs; give at most {cpus}")
+        if self.max_record_bytes < 1:
+            raise OptionError("max_record_bytes", f"must be at least 1, got {self.max_record_bytes}")
+        prefix = self.output_prefix
+        if prefix.endswith(("/", os.sep)):
+            raise OptionError("output_prefix", f"{prefix} ends with a slash; it names files, not a directory: give "
+                              f"e.g. {prefix.rstrip('/' + os.sep) or '.'}/dataset")
+        if os.path.isdir(prefix):
+            raise OptionError("output_prefix", f"{prefix} is a directory; give a prefix of files in it, e.g. {prefix}/dataset")
+        out_dir = Path(prefix).parent
         if not out_dir.is_dir():
-            raise OptionError("output_prefix", f"{self.output_prefix}: directory {out_dir} does not exist")
-        existing = [str(p) for p in fmt.all_files(self.output_prefix) if p.exists()]
+            raise OptionError("output_prefix", f"{prefix}: directory {out_dir} does not exist")
+        self._check_outputs_spare_inputs()
+        self.check_prefix_free()
+
+    def _check_outputs_spare_inputs(self) -> None:
+        """No output file may be an input: writing it would destroy the input (e.g. inputs x.json, prefix x)."""
+        inputs = {}
+        for path in self.inputs:
+            for form in (os.path.abspath(path), os.path.realpath(path)):
+                inputs.setdefault(form, path)
+        for out in fmt.all_files(self.output_prefix) + [fmt.lock_file(self.output_prefix)]:
+            hit = inputs.get(os.path.abspath(out)) or inputs.get(os.path.realpath(out))
+            if hit is None and out.exists():  # hard links, bind mounts
+                hit = next((i for i in self.inputs if os.path.samefile(i, out)), None)
+            if hit is not None:
+                raise OptionError("output_prefix", f"{self.output_prefix} would write {out}, which is the input {hit}; "
+                                  "choose a prefix whose files are not among the {inputs}", mentions=("inputs",))
+
+    def check_prefix_free(self) -> None:
+        """Refuse an existing dataset unless overwrite. A failed run's rejects file alone is no dataset."""
+        existing = [str(p) for p in fmt.data_files(self.output_prefix) + [fmt.meta_file(self.output_prefix)] if p.exists()]
         if existing and not self.overwrite:
             raise OptionError("output_prefix", f"{self.output_prefix} exists ({existing[0]}); set {{overwrite}} to replace it",
                               mentions=("overwrite",))
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as set by taskset or a batch scheduler)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass
@@ -148,8 +198,29 @@ _worker_state: dict = {}
 
 def _init_worker(tokenizer_path: str, template: str, seq_length: int, overlength: str, token_dtype) -> None:
     tokenizer = load_tokenizer(tokenizer_path)
+    # What a template may raise on one record's content (raise_exception, a missing key): that record's reject.
+    record_errors = ()
+    if template == "hf":
+        import jinja2
+
+        record_errors = (jinja2.exceptions.TemplateError,)
     _worker_state.update(encoder=make_encoder(template, tokenizer), seq_length=seq_length, overlength=overlength,
-                         token_dtype=token_dtype)
+                         token_dtype=token_dtype, record_errors=record_errors)
+
+
+def _encode_each(encoder, parsed: list, record_errors: tuple) -> list:
+    """Samples of `parsed`, batched; when the template raises, one by one, with the error in a failed one's place."""
+    try:
+        return encoder.encode_many(parsed)
+    except record_errors:
+        pass
+    samples = []
+    for conv in parsed:
+        try:
+            samples.append(encoder.encode_many([conv])[0])
+        except record_errors as e:
+            samples.append(e)
+    return samples
 
 
 def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
@@ -159,13 +230,21 @@ def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
     outcomes: list = [None] * len(chunk)
     parsed, where = [], []
     for k, (input_index, line_no, raw) in enumerate(chunk):
+        if isinstance(raw, OversizedLine):
+            outcomes[k] = ("reject", input_index, line_no, RejectReason.TOO_LARGE.value,
+                           f"{raw.size} bytes > max_record_bytes {raw.limit} (raise it if records this large are expected)")
+            continue
         try:
             parsed.append(parse_record(raw))
             where.append(k)
         except RecordRejected as e:
             outcomes[k] = ("reject", input_index, line_no, e.reason.value, e.detail)
-    for k, sample in zip(where, encoder.encode_many(parsed)):
+    for k, sample in zip(where, _encode_each(encoder, parsed, _worker_state["record_errors"])):
         input_index, line_no, _ = chunk[k]
+        if isinstance(sample, Exception):
+            detail = " ".join(f"the chat template raised {type(sample).__name__}: {sample}".split())
+            outcomes[k] = ("reject", input_index, line_no, RejectReason.TEMPLATE_ERROR.value, detail[:500])
+            continue
         tokens, mask, truncated = sample.tokens, sample.loss_mask, False
         if len(tokens) > seq_length:
             if overlength == "drop":
@@ -188,8 +267,8 @@ def _chunks(opts: PreprocessOptions, counts: list[InputCounts]) -> Iterator[tupl
     chunk, copies, size = [], [], 0
     for input_index, path in enumerate(opts.inputs):
         c = counts[input_index]
-        for line_no, raw in enumerate(open_lines(path), start=1):
-            if not raw.strip():
+        for line_no, raw in enumerate(open_lines(path, opts.max_record_bytes), start=1):
+            if isinstance(raw, bytes) and not raw.strip():
                 c.blank_lines += 1
                 continue
             c.read += 1
@@ -199,7 +278,7 @@ def _chunks(opts: PreprocessOptions, counts: list[InputCounts]) -> Iterator[tupl
                 continue
             chunk.append((input_index, line_no, raw))
             copies.append(n)
-            size += len(raw)
+            size += len(raw) if isinstance(raw, bytes) else 0
             if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
                 yield chunk, copies
                 chunk, copies, size = [], [], 0
@@ -233,9 +312,16 @@ def _map_in_order(opts: PreprocessOptions, token_dtype, chunks: Iterator[tuple[l
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 def preprocess(opts: PreprocessOptions) -> PreprocessResult:
-    """Run the whole pipeline; raises MegalignError on bad options or too many rejected records."""
+    """Run the whole pipeline; raises MegalignError on bad options, a busy prefix or too many rejected records."""
     started = time.perf_counter()
     opts.validate()
+    with writer.PrefixLock(opts.output_prefix):
+        opts.check_prefix_free()  # again, holding the lock: a run that finished meanwhile may have written it
+        writer.remove_stale(opts.output_prefix)
+        return _preprocess_locked(opts, started)
+
+
+def _preprocess_locked(opts: PreprocessOptions, started: float) -> PreprocessResult:
     tokenizer = load_tokenizer(opts.tokenizer)
     make_encoder(opts.chat_template, tokenizer)  # unknown template or missing special tokens: fail now
     # The writer needs megatron-core (and torch): a few seconds of imports, done while the workers tokenize.
@@ -245,9 +331,9 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     ratios = opts.ratios or [1.0] * len(opts.inputs)
     counts = [InputCounts(path, float(r)) for path, r in zip(opts.inputs, ratios)]
 
-    out_dir = Path(opts.output_prefix).parent
-    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(opts.output_prefix).name}.tmp-", dir=out_dir))
-    temp_prefix = str(scratch / "out")
+    scratch = writer.make_private_dir(opts.output_prefix, "tmp")
+    version = writer.make_private_dir(opts.output_prefix, "v")
+    temp_prefix = str(version / Path(opts.output_prefix).name)
     store = SampleStore(scratch, token_dtype)
     try:
         sample_slots, slot_lengths, slot_loss_tokens = _tokenize_all(opts, counts, store, temp_prefix)
@@ -271,13 +357,13 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
                              int(slot_loss_tokens[sample_slots].sum()))
         metadata["files"] = writer.file_records(temp_prefix)
         fmt.meta_file(temp_prefix).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
-        if opts.overwrite:
-            writer.remove_dataset(opts.output_prefix)
-        writer.publish(temp_prefix, opts.output_prefix)
+        writer.publish(version, opts.output_prefix, scratch)
     finally:
         importing.join()
         store.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        if writer.current_version(opts.output_prefix) != version:  # not published (or the commit never came)
+            shutil.rmtree(version, ignore_errors=True)
     return PreprocessResult(opts.output_prefix, metadata, time.perf_counter() - started)
 
 

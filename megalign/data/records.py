@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Iterator
+
+from megalign.errors import MegalignError
 
 ROLE_ALIASES = {
     "system": "system",
@@ -28,6 +31,8 @@ ROLE_ALIASES = {
 class RejectReason(str, Enum):
     INVALID_UTF8 = "invalid_utf8"
     MALFORMED_JSON = "malformed_json"
+    TOO_DEEPLY_NESTED = "too_deeply_nested"
+    TOO_LARGE = "too_large"
     WRONG_SHAPE = "wrong_shape"
     UNKNOWN_ROLE = "unknown_role"
     NON_STRING_CONTENT = "non_string_content"
@@ -36,6 +41,7 @@ class RejectReason(str, Enum):
     BAD_TURN_ORDER = "bad_turn_order"
     TOO_LONG = "too_long"
     NO_LOSS_TOKENS = "no_loss_tokens"
+    TEMPLATE_ERROR = "template_error"
 
 
 class RecordRejected(Exception):
@@ -79,6 +85,8 @@ def parse_record(raw: bytes) -> Conversation:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordRejected(RejectReason.MALFORMED_JSON, f"column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise RecordRejected(RejectReason.TOO_DEEPLY_NESTED, "JSON nested deeper than the parser's recursion limit") from None
     if not isinstance(record, dict):
         raise RecordRejected(RejectReason.WRONG_SHAPE, f"a record must be a JSON object, got {type(record).__name__}")
     items, role_key, content_key = _messages_of(record)
@@ -133,12 +141,44 @@ def _check_turn_order(messages: list[Message]) -> None:
         raise RecordRejected(RejectReason.BAD_TURN_ORDER, "the conversation ends with a user message")
 
 
-def open_lines(path: str | Path) -> Iterator[bytes]:
-    """Raw lines (bytes, newline stripped) of a plain or gzip-compressed JSONL file."""
+@dataclass(frozen=True)
+class OversizedLine:
+    """Stands for a line longer than the limit given to open_lines: never read into memory whole."""
+
+    size: int  # bytes, newline excluded
+    limit: int
+
+
+def open_lines(path: str | Path, max_bytes: int | None = None) -> Iterator[bytes | OversizedLine]:
+    """Raw lines (bytes, newline stripped) of a plain or gzip-compressed JSONL file.
+
+    A line of more than `max_bytes` comes as an OversizedLine and is skipped in bounded reads. A truncated or
+    corrupt gzip stream is a MegalignError naming the file and the last line read whole.
+    """
     path = Path(path)
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     opener = gzip.open if gzipped else open
+    stream_errors = (EOFError, OSError, zlib.error) if gzipped else ()
+    line_no = 0
     with opener(path, "rb") as f:
-        for line in f:
-            yield line.rstrip(b"\r\n")
+        try:
+            while line := f.readline(-1 if max_bytes is None else max_bytes + 1):
+                line_no += 1
+                if max_bytes is not None and len(line) > max_bytes and not line.endswith(b"\n"):
+                    line = _skip_rest(f, line, max_bytes)
+                yield line.rstrip(b"\r\n") if isinstance(line, bytes) else line
+        except stream_errors as e:
+            raise MegalignError(f"{path}: the gzip stream is truncated or corrupt after line {line_no} ({e}); "
+                                "re-create or re-download the file") from None
+
+
+def _skip_rest(f, head: bytes, max_bytes: int) -> bytes | OversizedLine:
+    size, rest, first = len(head), head, True
+    while rest and not rest.endswith(b"\n"):
+        rest = f.readline(1 << 20)
+        if first and rest == b"\n" and head.endswith(b"\r"):  # max_bytes exactly, then \r\n
+            return head + rest
+        first = False
+        size += len(rest)
+    return OversizedLine(size - rest.endswith(b"\n"), max_bytes)

@@ -129,6 +129,8 @@ def run_case(case: str, work: Path) -> dict:
         "reloaded_logits_max_abs_diff": float((reloaded_logits - hf_logits).abs().max()),
         "reloaded_config": {k: getattr(reloaded.config, k, None) for k in ("model_type", "tie_word_embeddings")},
         "model_yaml": (imported / "model.yaml").read_text(),
+        "generation_config": {name: json.loads((d / "generation_config.json").read_text())
+                              for name, d in (("original", hf_dir), ("exported", exported))},
         **loss,
     }
 

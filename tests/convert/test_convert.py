@@ -1,6 +1,8 @@
 """HF safetensors import/export: logits equal transformers' for every architecture and RoPE scaling, export ->
-original tensors bit for bit and loadable by transformers, sharded files both ways, the command line, and one-line
-errors naming the config.json key for what megalign cannot convert.
+original tensors bit for bit and loadable by transformers, sharded files both ways, the command line, one-line
+errors naming the config.json key for what megalign cannot convert, and nothing lost: a conversion that fails midway
+leaves the earlier output, an import never lands on a training run's checkpoints, and an export of a chat run stops
+generating at its template's end-of-turn token.
 
 The conversions run in one subprocess (hf_cases.py: torch.distributed starts once per process); the config
 mapping and the checks that come before any model is built run here."""
@@ -72,7 +74,8 @@ def test_sharded_checkpoints_both_ways(converted):
     assert "model.safetensors.index.json" in imported["hf_files"] and len(imported["hf_files"]) > 3
     assert "model.safetensors.index.json" in imported["exported_files"]
     assert "model.safetensors.index.json" in results["qwen2-tied"]["exported_files"]  # sharded export only
-    assert results["llama-mha"]["exported_files"] == ["config.json", "model.safetensors"]
+    assert results["llama-mha"]["exported_files"] == ["config.json", "generation_config.json",
+                                                      "model.safetensors"]
 
 
 def test_tied_embeddings_export_without_lm_head(converted):
@@ -268,11 +271,14 @@ def test_import_checks_tensors_before_building(converted, tmp_path):
     assert torch.distributed.is_initialized() is False
 
 
-def test_train_from_an_import_then_export_keeps_the_architecture(converted, tmp_path, word_tokenizer_dir):
-    """HF Mistral -> megalign -> a training run (checkpoint.init_from) -> HF: still a Mistral, loadable."""
+@pytest.fixture(scope="module")
+def trained(converted, tmp_path_factory, word_tokenizer_dir):
+    """HF Mistral (eos_token_id 2, the tokenizer's </s>) -> megalign -> a training run (checkpoint.init_from) on
+    ChatML data, whose assistant turns end with <|im_end|> (id 8): (the run's checkpoint root, the data prefix)."""
     from megalign.data.preprocess import PreprocessOptions, preprocess
 
     _, work = converted
+    tmp_path = tmp_path_factory.mktemp("trained")
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "hi hello"},
                                                       {"role": "assistant", "content": "bye ok be brief"}]}) + "\n"
@@ -285,7 +291,138 @@ def test_train_from_an_import_then_export_keeps_the_architecture(converted, tmp_
                            "training.steps=2", "training.global_batch=1", "run.progress=false"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    return run / "checkpoints", data
+
+
+def test_train_from_an_import_then_export_keeps_the_architecture(trained, tmp_path):
+    """HF Mistral -> megalign -> a training run (checkpoint.init_from) -> HF: still a Mistral, loadable."""
     exported = tmp_path / "exported"
-    done = run_tool("export", "--checkpoint", run / "checkpoints", "--out", exported)
+    done = run_tool("export", "--checkpoint", trained[0], "--out", exported)
     assert done.returncode == 0, done.stderr
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+
+
+# -- nothing lost: faults midway, outputs that are not ours, models that stop ---------------------------------------
+def test_a_failed_overwrite_leaves_the_earlier_output(converted, tmp_path):
+    """import/export with overwrite that fail midway (a fault injected after the new checkpoint is written, after
+    the first safetensors tensor): the earlier output is byte for byte as it was, and loads; nothing is left beside
+    it. Without a fault the new output replaces the old one."""
+    _, work = converted
+    done = subprocess.run([sys.executable, str(HERE / "fault_cases.py"), str(work / "llama-mha" / "hf"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert "error" not in r, r.get("traceback")
+    assert r["import_error"] == "injected fault" and r["export_error"] == "injected fault"
+    assert r["import_unchanged"] and r["import_loads"]
+    assert r["export_unchanged"] and r["export_loads"] == {}
+    assert r["leftovers_after_import_fault"] == r["leftovers_after_export_fault"] == []
+    assert r["replaced"] and r["leftovers_after_replace"] == []
+
+
+def test_a_replace_killed_between_its_renames_is_undone(tmp_path):
+    """Killed after the old output was renamed aside and before the new one was renamed in: the next conversion
+    to the same place puts the old one back (and refuses to replace it without overwrite)."""
+    from megalign.convert import convert
+
+    out = tmp_path / "exported"
+    aside = tmp_path / f"{convert.ASIDE_PREFIX}exported"
+    aside.mkdir()
+    (aside / "config.json").write_text("{}")
+    (tmp_path / f"{convert.SCRATCH_PREFIX}exported").mkdir()  # the new one, half written
+    with pytest.raises(MegalignError, match="exists and is not empty"):
+        convert._prepare_output(out, False, "export")
+    assert (out / "config.json").read_text() == "{}" and not aside.exists()
+    with convert._replacing(out) as scratch:
+        assert list(scratch.iterdir()) == []  # the half-written one is gone
+        (scratch / "config.json").write_text('{"new": 1}')
+    assert (out / "config.json").read_text() == '{"new": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+def test_import_refuses_a_training_runs_checkpoint_directory(converted, trained, tmp_path):
+    """out is (or lies inside) a directory of training checkpoints: one line, nothing removed, even with
+    overwrite; before any model is built."""
+    import torch
+
+    from megalign.convert import import_hf
+
+    _, work = converted
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(trained[0], checkpoints)  # were it removed, the other tests of the run would fail too
+    before = sorted(str(p) for p in checkpoints.rglob("*"))
+    step = sorted(checkpoints.glob("step_*"))[-1]
+    for out in (checkpoints, step, checkpoints / "new" / "import"):
+        with pytest.raises(MegalignError) as e:
+            import_hf(work / "llama-mha" / "hf", out, overwrite=True)
+        assert "the checkpoint directory of a training run (nothing removed)" in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+    assert sorted(str(p) for p in checkpoints.rglob("*")) == before
+    assert torch.distributed.is_initialized() is False
+    done = run_tool("import", "--hf", work / "llama-mha" / "hf", "--out", checkpoints, "--overwrite")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: --out {checkpoints} is the checkpoint directory of a training run")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert sorted(str(p) for p in checkpoints.rglob("*")) == before
+
+
+def _generate(model, stop_at: int, steps: int = 8) -> list[int]:
+    """Greedy generation with every token forced: word 15, then `stop_at` at the third step, then word 15 again."""
+    import torch
+    import transformers
+
+    prompt = torch.tensor([[7, 22, 20, 8]])
+
+    class Forced(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = torch.full_like(scores, -1e9)
+            scores[:, stop_at if input_ids.shape[1] == prompt.shape[1] + 2 else 15] = 0
+            return scores
+
+    out = model.generate(prompt, max_new_tokens=steps, do_sample=False, logits_processor=[Forced()])
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def test_export_of_a_chat_run_stops_at_its_end_of_turn_token(trained, tmp_path):
+    """A run trained on ChatML ends its answers with <|im_end|> (8), not the tokenizer's eos </s> (2):
+    generation_config.json keeps the original's eos and adds 8, so transformers' generate stops there."""
+    import transformers
+
+    exported = tmp_path / "exported"
+    done = run_tool("export", "--checkpoint", trained[0], "--out", exported)
+    assert done.returncode == 0, done.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert model.generation_config.eos_token_id == [2, 8]
+    assert _generate(model, stop_at=8) == [15, 15, 8]
+    assert model.generation_config.bos_token_id == 1  # the rest of the original's generation_config.json
+    assert json.loads((exported / "config.json").read_text())["eos_token_id"] == 2  # the original's
+    assert "generation: eos_token_id [2, 8]: [2] from the original + <|im_end|> (8), ending an assistant turn " \
+           "in the chatml template the run was trained with" in done.stdout
+
+
+def test_export_keeps_the_original_ids_when_the_template_is_unknown(trained, tmp_path):
+    """The training data's PREFIX.json is gone: the template cannot be known, so the original's ids are kept and
+    the summary says so."""
+    import transformers
+
+    checkpoints, data = trained
+    meta = Path(data + ".json")
+    hidden = meta.with_name(meta.name + ".hidden")
+    meta.rename(hidden)
+    try:
+        exported = tmp_path / "exported"
+        done = run_tool("export", "--checkpoint", checkpoints, "--out", exported)
+    finally:
+        hidden.rename(meta)
+    assert done.returncode == 0, done.stderr
+    assert f"generation: eos_token_id [2] from the original only: the chat template of the training run is " \
+           f"unknown (the training data's {meta} cannot be read)" in done.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert model.generation_config.eos_token_id == 2
+
+
+def test_export_of_an_import_keeps_its_generation_config(converted):
+    """A weights checkpoint made by an import exports the original generation_config.json as it was."""
+    results, _ = converted
+    for case, r in results.items():
+        assert r["generation_config"]["exported"] == r["generation_config"]["original"], case
