@@ -124,7 +124,7 @@ def test_unwritable_output_directories_are_refused_before_the_run(dataset_prefix
     a_file.write_text("")
     for overrides, message in [
         (["run.output_dir=/proc/megalign/run"], "config key run.output_dir=/proc/megalign/run: cannot write in /proc"),
-        ([f"checkpoint.dir=/proc/megalign"], "config key checkpoint.dir=/proc/megalign: cannot write in /proc"),
+        (["checkpoint.dir=/proc/megalign"], "config key checkpoint.dir=/proc/megalign: cannot write in /proc"),
         ([f"run.output_dir={a_file}/run"], f"config key run.output_dir={a_file}/run: {a_file} is a file"),
     ]:
         with pytest.raises(MegalignError) as e:

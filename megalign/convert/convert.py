@@ -400,12 +400,11 @@ def _end_of_turn_tokens(template: str, eos: str | None) -> list[str] | None:
     from megalign.data.records import Conversation, Message
 
     eos = eos or "</s>"  # as templates.make_encoder falls back
-    to_pieces = {"llama2": lambda c: templates.llama2_pieces(c, "<s>", eos), "llama3": templates.llama3_pieces,
-                 "chatml": templates.chatml_pieces, "chatglm3": lambda c: templates.chatglm3_pieces(c, eos)}
-    if template not in to_pieces:
+    pieces = templates.built_in_pieces(template, "<s>", eos)
+    if pieces is None:
         return None
     probe = Conversation(tuple(Message(role, "x") for role in ("user", "assistant", "user", "assistant")))
-    return list(dict.fromkeys(p.special for p in to_pieces[template](probe) if p.special is not None and p.loss))
+    return list(dict.fromkeys(p.special for p in pieces(probe) if p.special is not None and p.loss))
 
 
 def _tokenizer_of(recorded: dict, tokenizer_option):

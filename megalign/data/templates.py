@@ -6,6 +6,19 @@ model must learn to emit to stop); system and user tokens, role headers and sepa
 Built-in templates describe a conversation as Pieces (text, or a special token by name) and are tokenized piece
 by piece, so every token belongs to one piece and its mask is exact. `hf` renders the tokenizer's own Jinja
 `chat_template` and finds the assistant spans by rendering growing prefixes of the conversation.
+
+How each built-in template relates to the published chat template of its model family (a model should be trained
+on exactly the token sequences it sees at inference):
+
+- `llama2`: Llama-2-chat's format; like the published template it strips each message's content (str.strip) and
+  puts the system message inside the first [INST] block.
+- `llama3`: Llama-3-instruct's format; like the published template it trims each message's content (str.strip,
+  as Jinja's `trim`).
+- `chatml`: plain ChatML, contents as given and no default system message (not Qwen2's published template, which
+  adds one: use `qwen2` for Qwen2 models).
+- `qwen2`: `chatml` plus Qwen2's default system message "You are a helpful assistant." when a conversation has
+  none, as the published template does; loss mask and end-of-turn token (<|im_end|>) are chatml's.
+- `chatglm3`: ChatGLM3's format as megalign describes it; not compared with the published template in this change.
 """
 
 from __future__ import annotations
@@ -56,19 +69,25 @@ def _split_system(conv: Conversation) -> tuple[str | None, tuple[Message, ...]]:
 
 
 def llama2_pieces(conv: Conversation, bos: str, eos: str) -> list[Piece]:
-    """Meta's Llama-2-chat format: <s>[INST] <<SYS>>\\n{s}\\n<</SYS>>\\n\\n{u} [/INST] {a} </s>, per turn."""
+    """Meta's Llama-2-chat format: <s>[INST] <<SYS>>\\n{s}\\n<</SYS>>\\n\\n{u} [/INST] {a} </s>, per turn.
+
+    Every content is stripped of leading and trailing whitespace first, as the published template does.
+    """
     system, turns = _split_system(conv)
     pieces = []
     for i in range(0, len(turns), 2):
-        user, answer = turns[i].content, turns[i + 1].content
+        user, answer = turns[i].content.strip(), turns[i + 1].content.strip()
         if i == 0 and system is not None:
-            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+            user = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user}"
         pieces += [_special(bos), _text(f"[INST] {user} [/INST]"), _text(f" {answer} ", loss=True), _special(eos, loss=True)]
     return pieces
 
 
 def llama3_pieces(conv: Conversation) -> list[Piece]:
-    """<|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message."""
+    """<|begin_of_text|> then <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message.
+
+    Every content is trimmed of leading and trailing whitespace first, as the published template does.
+    """
     pieces = [_special("<|begin_of_text|>")]
     for m in conv.messages:
         answer = m.role == "assistant"
@@ -77,14 +96,14 @@ def llama3_pieces(conv: Conversation) -> list[Piece]:
             _fixed(m.role),
             _special("<|end_header_id|>"),
             _fixed("\n\n"),
-            _text(m.content, loss=answer),
+            _text(m.content.strip(), loss=answer),
             _special("<|eot_id|>", loss=answer),
         ]
     return pieces
 
 
 def chatml_pieces(conv: Conversation) -> list[Piece]:
-    """Qwen's ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message."""
+    """Plain ChatML: <|im_start|>{role}\\n{content}<|im_end|>\\n per message, contents as given."""
     pieces = []
     for m in conv.messages:
         answer = m.role == "assistant"
@@ -96,6 +115,19 @@ def chatml_pieces(conv: Conversation) -> list[Piece]:
             _fixed("\n"),
         ]
     return pieces
+
+
+QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def qwen2_pieces(conv: Conversation) -> list[Piece]:
+    """Qwen2's format: ChatML, with the default system message first when the conversation has no system message."""
+    pieces = chatml_pieces(conv)
+    if conv.messages[0].role == "system":
+        return pieces
+    default = [_special("<|im_start|>"), _fixed("system\n"), _fixed(QWEN2_DEFAULT_SYSTEM), _special("<|im_end|>"),
+               _fixed("\n")]
+    return default + pieces
 
 
 def chatglm3_pieces(conv: Conversation, eos: str) -> list[Piece]:
@@ -213,24 +245,26 @@ class JinjaEncoder:
         return [self.encode(c) for c in conversations]
 
 
-TEMPLATE_NAMES = ("llama2", "llama3", "chatml", "chatglm3", "hf")
+TEMPLATE_NAMES = ("llama2", "llama3", "chatml", "chatglm3", "hf", "qwen2")
 
 _PROBE = Conversation((Message("system", "s"), Message("user", "u"), Message("assistant", "a")))
 
 
+def built_in_pieces(name: str, bos: str = "<s>", eos: str = "</s>"):
+    """The pieces function of a built-in template (conversation -> pieces), with the tokenizer's BOS/EOS where
+    the template writes them; None for `hf` and unknown names. make_encoder and the HF export both use it."""
+    return {"llama2": lambda c: llama2_pieces(c, bos, eos), "llama3": llama3_pieces, "chatml": chatml_pieces,
+            "qwen2": qwen2_pieces, "chatglm3": lambda c: chatglm3_pieces(c, eos)}.get(name)
+
+
 def make_encoder(name: str, tokenizer: Tokenizer) -> PieceEncoder | JinjaEncoder:
     """The encoder for a template name; fails up-front on an unknown name or a missing special token."""
-    if name == "llama2":
-        bos, eos = tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>"
-        return PieceEncoder(tokenizer, lambda c: llama2_pieces(c, bos, eos), _PROBE)
-    if name == "llama3":
-        return PieceEncoder(tokenizer, llama3_pieces, _PROBE)
-    if name == "chatml":
-        return PieceEncoder(tokenizer, chatml_pieces, _PROBE)
-    if name == "chatglm3":
-        eos = tokenizer.eos_token or "</s>"
-        probe = Conversation(_PROBE.messages + (Message("user", "u"), Message("assistant", "a")))
-        return PieceEncoder(tokenizer, lambda c: chatglm3_pieces(c, eos), probe)
+    pieces = built_in_pieces(name, tokenizer.bos_token or "<s>", tokenizer.eos_token or "</s>")
+    if pieces is not None:
+        probe = _PROBE
+        if name == "chatglm3":  # its end of an answer is the next <|user|>: the probe needs one
+            probe = Conversation(_PROBE.messages + (Message("user", "u"), Message("assistant", "a")))
+        return PieceEncoder(tokenizer, pieces, probe)
     if name == "hf":
         return JinjaEncoder(tokenizer, _PROBE)
     raise MegalignError(f"unknown chat template {name!r}; valid: {', '.join(TEMPLATE_NAMES)}")
