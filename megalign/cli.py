@@ -37,9 +37,10 @@ class Parser(argparse.ArgumentParser):
         except OptionError as e:
             fail(e.render(self.flag))
         except MegalignError as e:
-            fail(str(e))
+            fail(str(e), 1 if e.retryable else 2)
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
+    """One line on stderr, then exit: 2 for what the input must change, 1 for a failure worth retrying."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 
 class MegalignError(Exception):
-    pass
+    retryable = False  # the same command can succeed once the cause is fixed outside megalign (not in its input)
+
+
+class StorageError(MegalignError):
+    """The file system failed the run (a full disk, a lost mount): worth retrying once fixed."""
+
+    retryable = True
 
 
 class OptionError(MegalignError):

@@ -70,7 +70,8 @@ def run(config_path: str | None, overrides: list[str]) -> RunStatus:
         return end.status
     except BaseException as e:
         if speaker:
-            status = RunStatus.INVALID if isinstance(e, MegalignError) else RunStatus.FAILED
+            invalid = isinstance(e, MegalignError) and not e.retryable
+            status = RunStatus.INVALID if invalid else RunStatus.FAILED
             first_line = (str(e).splitlines() or [""])[0]
             write_status(out, status, reason=f"{type(e).__name__}: {first_line}"[:500],
                          step=trainer.step if trainer else None, steps=cfg.training.steps)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megalign import megatron_compat
 from megalign.checkpoint.store import (CheckpointStore, checksum, damaged_files, file_sizes, read_manifest, share_of,
                                        step_dir_name)
-from megalign.errors import MegalignError
+from megalign.errors import MegalignError, StorageError
 
 log = logging.getLogger("megalign")
 
@@ -100,7 +100,10 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
         dist.barrier()
     partial = store.partial_dir(step)
     megatron_compat.results_queue_that_dies_with_the_trainer()  # no orphaned writer process after a SIGKILL
-    dist_checkpointing.save(state, str(partial))
+    try:
+        dist_checkpointing.save(state, str(partial))
+    except (Exception, *megatron_compat.CHECKPOINT_LOAD_ERRORS) as e:  # raised on every rank (megatron gathers)
+        raise _save_failure(store, step, partial, e, rank0) from e
     if dist.is_initialized():
         dist.barrier()  # every rank has written its shards
     # every rank hashes its share of the files, in parallel
@@ -116,6 +119,44 @@ def _save(state: dict, store: CheckpointStore, step: int, manifest: dict, keep: 
     if dist.is_initialized():
         dist.barrier()  # nobody reads `latest` before it is written
     return final
+
+
+def _save_failure(store: CheckpointStore, step: int, partial: Path, error: BaseException, rank0: bool) -> Exception:
+    """A failed save as the user can act on it. The published checkpoints are untouched; the partial directory is
+    removed (its space is what a full disk lacks). A full disk is named as such: megatron's writer reports it as
+    a torch serialization failure, so the free space is what tells."""
+    import shutil
+
+    written = sum(f.stat().st_size for f in partial.rglob("*") if f.is_file()) if partial.is_dir() else 0
+    free = shutil.disk_usage(partial.parent).free
+    previous = store.latest()
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+    kept = f"{previous} is still the newest checkpoint" if previous else "no earlier checkpoint exists"
+    needed = sum(size for size in read_manifest(previous)["files"].values()) if previous else None
+    if free < max(64 << 20, (needed or 0) // 100) or _is_no_space(error):
+        need = f"about {_size(needed)} (the size of the previous one)" if needed else \
+            f"more than the {_size(written)} written before it filled"
+        return StorageError(f"checkpoint of step {step}: no space left on the device of {store.root} "
+                            f"({_size(free)} free; a checkpoint needs {need}); {kept}. Free space or set "
+                            "checkpoint.dir elsewhere, then rerun to resume")
+    summary = (str(error).strip().splitlines() or [""])[-1][:200]
+    return StorageError(f"checkpoint of step {step} could not be written to {store.root} ({type(error).__name__}: "
+                        f"{summary}); {kept}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _is_no_space(error: BaseException) -> bool:
+    import errno
+
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def verify_checksums(path: Path, manifest: dict) -> None:

@@ -135,6 +135,31 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(dataset, tmp_path,
     same_losses(metrics(tmp_path), straight)
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 24 MiB file system (tmpfs): room for one checkpoint of the tiny model (15.5 MiB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_stays(dataset, tmp_path, small_disk):
+    out = tmp_path / "run"
+    done = train(1, dataset, out, "training.steps=3", "training.global_batch=2", "checkpoint.interval=1",
+                 f"checkpoint.dir={small_disk}", expect_ok=False)
+    assert done.returncode == 1, done.stderr[-3000:]  # a failure worth retrying, not a bad config
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint of step 2: no space left on the device of ") and \
+        "step_0000001 is still the newest checkpoint" in last and "MiB free; a checkpoint needs about" in last, last
+    store = CheckpointStore(small_disk)
+    assert store.latest().name == "step_0000001" and not list(small_disk.glob(".partial-*"))
+    read_manifest(store.latest())  # whole
+    assert read_status(out)["status"] == "failed"
+
+
 def test_a_tp2_checkpoint_resumes_at_tp1_pp2_and_dp2(dataset, tmp_path):
     base = ("training.steps=4", "training.global_batch=2")
     source = tmp_path / "tp2"
