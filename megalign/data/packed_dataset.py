@@ -79,6 +79,12 @@ class PackedDataset:
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
 
+    @property
+    def max_token_id(self) -> int | None:
+        """The largest token id in the dataset, as recorded at preprocessing (None: made before it was)."""
+        value = self.meta.get("max_token_id")
+        return int(value) if isinstance(value, int) else None
+
     def fingerprint(self) -> dict:
         """The path and the sha256 of each file (computed once, at preprocessing): a checkpoint's record of it."""
         return {"path": self.prefix, "sha256": {s: f["sha256"] for s, f in sorted(self.meta["files"].items())}}

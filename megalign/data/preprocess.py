@@ -349,12 +349,14 @@ def _preprocess_locked(opts: PreprocessOptions, started: float) -> PreprocessRes
         packs = packing.pack(lengths, opts.seq_length, opts.packing, opts.seed, opts.group_size)
         store.close_for_reading()
         with tqdm(total=int(lengths.sum()), unit="tok", desc="write", disable=_no_progress(opts), unit_scale=True) as bar:
-            writer.write_packs(temp_prefix, store, sample_slots, packs, token_dtype, on_pack=bar.update)
+            max_token_id = writer.write_packs(temp_prefix, store, sample_slots, packs, token_dtype,
+                                              on_pack=bar.update)
         store.close()
 
         pack_lengths = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
         metadata = _metadata(opts, tokenizer, token_dtype, counts, totals, lengths, pack_lengths,
                              int(slot_loss_tokens[sample_slots].sum()))
+        metadata["max_token_id"] = max_token_id
         metadata["files"] = writer.file_records(temp_prefix)
         fmt.meta_file(temp_prefix).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
         writer.publish(version, opts.output_prefix, scratch)

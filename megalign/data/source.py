@@ -30,6 +30,10 @@ class PackSource(Protocol):
     def vocab_size(self) -> int:
         """The vocabulary of the tokenizer the ids come from (the model's, unless model.vocab_size says more)."""
 
+    @property
+    def max_token_id(self) -> int | None:
+        """The largest token id of any pack, if known without reading them (checked before training starts)."""
+
     def fingerprint(self) -> dict:
         """What a checkpoint records to recognise this data on resume: {"path": str, "sha256": {...}}."""
 
@@ -60,6 +64,10 @@ class InMemoryPacks:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def max_token_id(self) -> int:
+        return max(int(p.tokens.max()) for p in self.packs if len(p.tokens))
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256()

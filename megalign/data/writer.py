@@ -41,21 +41,26 @@ def write_packs(
     packs: list[list[int]],
     token_dtype: type,
     on_pack: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Write the token and loss-mask IndexedDatasets of `packs` (lists of sample ids) at `prefix`."""
+) -> int:
+    """Write the token and loss-mask IndexedDatasets of `packs` (lists of sample ids) at `prefix`; returns the
+    largest token id written (recorded in the metadata: training checks it against the model's vocabulary)."""
     # megatron-core imports torch: only the writing process pays for it, not the tokenizer workers.
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     tokens_builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype)
     mask_builder = IndexedDatasetBuilder(prefix + fmt.LOSS_MASK_SUFFIX + ".bin", dtype=np.uint8)
+    largest = -1
     for samples in packs:
         parts = [store.get(int(sample_slots[s])) for s in samples]
         lengths = [len(t) for t, _ in parts]
-        tokens_builder.add_document(np.concatenate([t for t, _ in parts]), lengths)
+        tokens = np.concatenate([t for t, _ in parts])
+        largest = max(largest, int(tokens.max()) if len(tokens) else -1)
+        tokens_builder.add_document(tokens, lengths)
         mask_builder.add_document(np.concatenate([m for _, m in parts]), lengths)
         on_pack(sum(lengths))
     tokens_builder.finalize(prefix + ".idx")
     mask_builder.finalize(prefix + fmt.LOSS_MASK_SUFFIX + ".idx")
+    return largest
 
 
 def file_records(prefix: str) -> dict[str, dict]:

@@ -73,6 +73,7 @@ class Trainer:
             if not isinstance(ds, PackSource):
                 raise TypeError(f"dataset {i} ({type(ds).__name__}) lacks the PackSource members (data/source.py)")
         self.cfg = cfg = resolve(cfg, max(ds.vocab_size for ds in self.datasets))
+        _check_token_ids(self.datasets, cfg.model.vocab_size)
         self.runtime = runtime if runtime is not None else initialize(cfg)
         self.layout = self.runtime.layout
         self.attention_backend = resolve_backend(cfg.model.attention_backend)
@@ -234,6 +235,17 @@ class Trainer:
                                    keep=self.cfg.checkpoint.keep or None)
         self.saved_step = self.step
         return where
+
+
+def _check_token_ids(datasets: Sequence[PackSource], vocab_size: int) -> None:
+    """Before anything is built: every dataset's recorded largest token id fits the model's vocabulary (the
+    batch builder checks each pack again as it is read: a file damaged later, or a dataset without the record)."""
+    for ds in datasets:
+        largest = ds.max_token_id
+        if largest is not None and largest >= vocab_size:
+            raise MegalignError(f"dataset {ds.fingerprint()['path']} holds token ids up to {largest}, beyond the "
+                                f"model's vocabulary of {vocab_size} (model.vocab_size): it was made with another "
+                                "tokenizer, or model.vocab_size is too small")
 
 
 def _optimizer_and_schedule(cfg: Config, model, params_dtype: torch.dtype):

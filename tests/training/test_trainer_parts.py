@@ -77,3 +77,20 @@ def test_the_dataset_interface_is_checked():
     assert isinstance(packs(), PackSource)
     with pytest.raises(TypeError, match="PackSource"):
         Trainer(Config(), datasets=[[Pack(np.zeros(2), np.ones(2, np.uint8), np.array([2]))]])
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_training_and_per_pack(dataset):
+    from megalign.data.packed_dataset import PackedDataset
+    from megalign.data.sampler import PackRef
+    from megalign.errors import MegalignError
+    from megalign.training.batch import BatchBuilder
+    from megalign.training.trainer import Trainer
+
+    ds = PackedDataset(dataset)
+    assert ds.max_token_id == max(int(ds[k].tokens.max()) for k in range(len(ds)))  # recorded at preprocessing
+    with pytest.raises(MegalignError, match=r"holds token ids up to \d+, beyond the model's vocabulary of 100"):
+        Trainer(updated(Config(), model={"vocab_size": 100}), datasets=[ds])  # before any process group
+    damaged = InMemoryPacks([Pack(np.array([1, 2, 65535]), np.array([0, 1, 1], np.uint8), np.array([3]))], VOCAB)
+    builder = BatchBuilder([damaged], Config().data, SFT(), 0, 4096, VOCAB)
+    with pytest.raises(MegalignError, match="pack 0: token id 65535 is outside the model's vocabulary of 300"):
+        builder.build(PackRef(0, 0))
