@@ -18,7 +18,8 @@ on exactly the token sequences it sees at inference):
   adds one: use `qwen2` for Qwen2 models).
 - `qwen2`: `chatml` plus Qwen2's default system message "You are a helpful assistant." when a conversation has
   none, as the published template does; loss mask and end-of-turn token (<|im_end|>) are chatml's.
-- `chatglm3`: ChatGLM3's format as megalign describes it; not compared with the published template in this change.
+- `chatglm3`: the ids of ChatGLM3's published tokenizer (build_single_message with empty metadata, then EOS as its
+  fine-tuning code appends); its mask leaves out the "\n" after <|assistant|>, which that code also trains on.
 """
 
 from __future__ import annotations
@@ -131,9 +132,18 @@ def qwen2_pieces(conv: Conversation) -> list[Piece]:
 
 
 def chatglm3_pieces(conv: Conversation, eos: str) -> list[Piece]:
-    """ChatGLM3: [gMASK]sop then <|{role}|>\\n{content} per message, </s> at the end.
+    """ChatGLM3: [gMASK]sop then <|{role}|>, "\\n", {content} per message, EOS at the end.
 
-    ChatGLM3 ends an answer by emitting the next role token (or EOS), so that token carries the loss.
+    These are the ids of the published ChatGLM3 tokenizer: its build_single_message(role, metadata="", content) is
+    the role token, then the SentencePiece encoding of metadata + "\\n", then that of the content, each its own call
+    (so each gets SentencePiece's dummy prefix "▁": ChatGLM3 encodes "\\n" as [30910 "▁", 13 "<0x0A>"]);
+    its fine-tuning code (finetune_demo/finetune_hf.py) starts with [gMASK] sop and appends the EOS id. Every piece
+    here is one tokenizer call too, so a SentencePiece .model gives the same ids (the special tokens must be pieces of
+    that model: the published tokenizer.model lacks them and numbers them after its vocabulary, 64790 for [gMASK]).
+
+    ChatGLM3 ends an answer by emitting the next role token (or EOS), so that token carries the loss. The published
+    fine-tuning code also puts the loss on the metadata line ("\\n") after <|assistant|>; megalign does not (it is
+    the turn's header, 0 as in every template here).
     """
     pieces = [_special("[gMASK]"), _special("sop")]
     previous_was_answer = False
