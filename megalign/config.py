@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -330,8 +331,6 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
 def _validate_optimizer(t: TrainingConfig) -> None:
     """Numbers the optimizer and the schedule take: finite and in range (lr=nan or -1 would be a torch traceback
     at the first step, or train on silently)."""
-    import math
-
     ranges = {"lr": (0, math.inf, "e.g. 2e-5"), "min_lr": (0, t.lr, f"at most training.lr={t.lr}"),
               "weight_decay": (0, math.inf, "e.g. 0.0 or 0.1"), "adam_eps": (0, 1, "e.g. 1e-8"),
               "clip_grad": (0, math.inf, "e.g. 1.0; 0 turns clipping off"),

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from megalign.errors import MegalignError
+from megalign.files import fsync_path, write_atomically
 
 MANIFEST = "megalign.json"
 TRACKER = "latest"
@@ -35,24 +36,6 @@ _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 CHECKSUM = "xxh3_64"
@@ -116,8 +99,7 @@ class CheckpointStore:
         partial = self.partial_dir(step)
         for path in partial.rglob("*"):
             if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+                fsync_path(path)
         sizes = file_sizes(partial)
         if checksums is None:
             checksums = {name: checksum(partial / name) for name in sizes}
@@ -125,13 +107,13 @@ class CheckpointStore:
             raise MegalignError(f"checkpoint {partial}: checksums of {sorted(checksums)} for files {sorted(sizes)}")
         manifest = {"format_version": FORMAT_VERSION, **manifest, "files": sizes,
                     "checksums": {"algorithm": CHECKSUM, "files": checksums}}
-        _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         final = self.root / step_dir_name(step)
         if final.exists():  # a step saved again (e.g. a rerun that did not resume): the new save wins
             shutil.rmtree(final)
         os.replace(partial, final)
-        _fsync_dir(self.root)
-        _write_atomically(self.root / TRACKER, final.name + "\n")
+        fsync_path(self.root)
+        write_atomically(self.root / TRACKER, final.name + "\n")
         self._set_aside_newer_than(step)
         if keep:
             self.prune(keep)

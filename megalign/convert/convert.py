@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from megalign.config import Config, ModelConfig
+from megalign.convert import generation
 from megalign.convert import hf_config as hfc
 from megalign.convert.hf_weights import Coverage, Piece, ignorable, megatron_parameters, plan
 from megalign.convert.safetensors_io import DTYPE_NAMES, SafetensorsReader, ShardedWriter, parse_size
@@ -36,9 +37,9 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "tokenizer.tiktoken", "generation_config.json")
-HF_DIR = "hf"  # OUT/hf/: the source's config.json and tokenizer files, for training and a later export
+HF_DIR = generation.IMPORT_HF_DIR  # OUT/hf/: the source's config.json and tokenizer files (training, export)
 MODEL_YAML = "model.yaml"
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = generation.GENERATION_CONFIG
 # siblings of OUT: the new output while it is written, and the old one between the two renames that replace it
 SCRATCH_PREFIX, ASIDE_PREFIX = ".convert-new-", ".convert-old-"
 
@@ -258,7 +259,7 @@ def _import_into(scratch: Path, out: Path, hf_dir: Path, hf: dict, arch: str, mo
               "dtype": str(params_dtype).removeprefix("torch.")}
     if (hf_dir / GENERATION_CONFIG).is_file():
         # in the manifest, it travels into every training checkpoint started from this one (for the export)
-        source["generation_config"] = _read_json(hf_dir / GENERATION_CONFIG)
+        source["generation_config"] = generation.read_json(hf_dir / GENERATION_CONFIG)
     save_weights(model, scratch, model_cfg, source=source)
     kept = _copy_side_files(hf_dir, scratch / HF_DIR, ("config.json",) + TOKENIZER_FILES)
     header = (f"# The model of {hf_dir} ({arch}), imported by tools/convert_checkpoint.py.\n"
@@ -328,11 +329,11 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     shard_bytes = parse_size(max_shard_size)
     tokenizer_source = _tokenizer_files(tokenizer) if tokenizer is not None else []
 
-    original = _original_generation_config(hf_config, tokenizer_source, source, path, manifest["kind"])
-    generation, generation_note = _generation_config(original, config, manifest, tokenizer)
+    original = generation.original_generation_config(hf_config, tokenizer_source, source, path, manifest["kind"])
+    generation_cfg, generation_note = generation.generation_config(original, config, manifest, tokenizer)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if config.get(key) is None and generation.get(key) is not None:
-            config[key] = generation[key]  # no original id to keep: the one generation uses
+        if config.get(key) is None and generation_cfg.get(key) is not None:
+            config[key] = generation_cfg[key]  # no original id to keep: the one generation uses
     _prepare_output(out, overwrite, "export")
 
     model = build_full_model(model_cfg, stored)
@@ -351,8 +352,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
                 writer.add(piece.hf, tensor.to(out_dtype, copy=True))
         files = writer.close() + ["config.json"]
         (scratch / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if generation:
-            (scratch / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+        if generation_cfg:
+            (scratch / GENERATION_CONFIG).write_text(json.dumps(generation_cfg, indent=2, sort_keys=True) + "\n")
             files.append(GENERATION_CONFIG)
         for file in tokenizer_source:
             if file.name != GENERATION_CONFIG:  # written above, from the original's
@@ -361,132 +362,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, architecture: str = "auto
     return {"architecture": arch, "out": str(out), "files": files, "dtype": dtype_name,
             "checkpoint": str(path), "kind": manifest["kind"], "step": manifest["step"],
             "generation": generation_note, "bytes": writer.total_bytes, "seconds": time.perf_counter() - started}
-
-
-# -- generation_config.json ------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MegalignError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise MegalignError(f"{path}: holds a {type(value).__name__}, not a JSON object")
-    return value
-
-
-def _original_generation_config(hf_config, tokenizer_files: list[Path], source: dict, path: Path,
-                                kind: str) -> dict | None:
-    """The original model's generation_config.json: beside `hf_config`, among the tokenizer files, as the import
-    recorded it in the manifest, or (an import made before imports recorded it) in the import's OUT/hf/."""
-    candidates = [f for f in tokenizer_files if f.name == GENERATION_CONFIG]
-    if hf_config is not None:
-        given = Path(hf_config)
-        candidates.insert(0, (given if given.is_dir() else given.parent) / GENERATION_CONFIG)
-    for candidate in candidates:
-        if candidate.is_file():
-            return _read_json(candidate)
-    if isinstance(source.get("generation_config"), dict):
-        return dict(source["generation_config"])
-    legacy = path.parent / HF_DIR / GENERATION_CONFIG
-    if kind == "weights" and source.get("format") == "huggingface" and legacy.is_file():
-        return _read_json(legacy)
-    return None
-
-
-def _end_of_turn_tokens(template: str, eos: str | None) -> list[str] | None:
-    """The special tokens that end an assistant turn in a built-in chat template: those it gives the loss to
-    (templates.py), found on a probe conversation; None for a template whose tokens megalign does not place (hf)."""
-    from megalign.data import templates
-    from megalign.data.records import Conversation, Message
-
-    eos = eos or "</s>"  # as templates.make_encoder falls back
-    pieces = templates.built_in_pieces(template, "<s>", eos)
-    if pieces is None:
-        return None
-    probe = Conversation(tuple(Message(role, "x") for role in ("user", "assistant", "user", "assistant")))
-    return list(dict.fromkeys(p.special for p in pieces(probe) if p.special is not None and p.loss))
-
-
-def _tokenizer_of(recorded: dict, tokenizer_option):
-    """The tokenizer a dataset was made with (if still there, unchanged), else the one exported with the model."""
-    from megalign.data.tokenizer import load_tokenizer
-
-    candidates = [(recorded.get("path"), recorded.get("sha256")), (tokenizer_option, None)]
-    for where, sha256 in candidates:
-        if where is None:
-            continue
-        try:
-            tokenizer = load_tokenizer(where)
-        except MegalignError:
-            continue
-        if sha256 is None or tokenizer.fingerprint == sha256:
-            return tokenizer
-    return None
-
-
-def _trained_end_of_turn(manifest: dict, tokenizer_option) -> tuple[dict[str, int] | None, str]:
-    """For a training checkpoint: ({token: id} of the tokens that end an assistant turn in the chat template of its
-    training data, the template's name), read from each dataset's PREFIX.json; (None, why) when it cannot be known."""
-    templates_seen, ends = [], {}
-    for dataset in manifest.get("data") or []:
-        meta_path = Path(f"{dataset.get('path')}.json")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            recorded = {suffix: f["sha256"] for suffix, f in meta["files"].items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            return None, f"the training data's {meta_path} cannot be read"
-        if recorded != dataset.get("sha256"):
-            return None, f"{meta_path} now describes other data than the run was trained on"
-        template = meta.get("chat_template")
-        tokenizer = _tokenizer_of(meta.get("tokenizer") or {}, tokenizer_option)
-        tokens = _end_of_turn_tokens(template, tokenizer.eos_token if tokenizer else None)
-        if tokens is None:
-            return None, f"the training data's chat template {template!r} is not one whose tokens megalign places"
-        if tokenizer is None:
-            return None, (f"the tokenizer of {meta_path} is gone or changed, so the ids of {', '.join(tokens)} are "
-                          "unknown (export with tokenizer=DIR)")
-        try:
-            ends.update({token: tokenizer.special_id(token) for token in tokens})
-        except MegalignError as e:
-            return None, str(e)
-        templates_seen.append(template)
-    if not templates_seen:
-        return None, "the checkpoint records no training data"
-    return ends, "/".join(dict.fromkeys(templates_seen))
-
-
-def _ids(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _generation_config(original: dict | None, config: dict, manifest: dict, tokenizer_option) -> tuple[dict, str]:
-    """generation_config.json for the export, and one line saying where its eos_token_id comes from.
-
-    The original's (or, without one, the token ids of config.json, which is what transformers derives), plus, for
-    a training checkpoint, the tokens that end an assistant turn in its chat template: a model trained on ChatML
-    ends its answers with <|im_end|>, not the tokenizer's eos, and generate() must stop there."""
-    generation = dict(original or {})
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if generation.get(key) is None and config.get(key) is not None:
-            generation[key] = config[key]
-    eos = _ids(generation.get("eos_token_id"))
-    kept = f"eos_token_id {eos} from the original" if eos else "no eos_token_id (the original has none)"
-    if manifest["kind"] != "training":
-        return generation, f"{kept} (a {manifest['kind']} checkpoint: no chat template trained in)"
-    ends, what = _trained_end_of_turn(manifest, tokenizer_option)
-    if ends is None:
-        return generation, (f"{kept} only: the chat template of the training run is unknown ({what}); add its "
-                            f"end-of-turn token id to eos_token_id in {GENERATION_CONFIG}")
-    added = {token: i for token, i in ends.items() if i not in eos}
-    if not added:
-        return generation, f"{kept}, which ends an assistant turn of the {what} template too"
-    kept = f"{eos} from the original + " if eos else ""
-    eos += list(added.values())
-    generation["eos_token_id"] = eos if len(eos) > 1 else eos[0]
-    generation.pop("_from_model_config", None)  # no longer what transformers would derive from config.json
-    tokens = ", ".join(f"{token} ({i})" for token, i in added.items())
-    return generation, (f"eos_token_id {eos}: {kept}{tokens}, ending an assistant turn in the {what} template the "
-                        "run was trained with")
 
 
 def _tokenizer_files(tokenizer: str | Path) -> list[Path]:

@@ -30,6 +30,7 @@ import numpy as np
 from megalign.data import format as fmt
 from megalign.data.sample_store import SampleStore
 from megalign.errors import OptionError
+from megalign.files import fsync_path
 
 PUBLISHED_SUFFIXES = fmt.DATA_SUFFIXES + (fmt.REJECTS_SUFFIX, fmt.META_SUFFIX)
 
@@ -112,14 +113,6 @@ def _replace_with_symlink(target: str, path: Path, work: Path) -> None:
     os.replace(temp, path)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _adopt_plain_files(prefix: str, work: Path) -> None:
     """Take files at PREFIX that are not our links into the current version, each reading the same throughout."""
     plain = [s for s in PUBLISHED_SUFFIXES if os.path.lexists(prefix + s) and not _is_our_link(prefix, s)]
@@ -154,10 +147,10 @@ def publish(version: Path, prefix: str, work: Path) -> None:
         if not _is_our_link(prefix, suffix):
             _replace_with_symlink(_link_target(prefix, suffix), Path(prefix + suffix), work)
     for path in [*version.iterdir(), version]:  # durable before they become visible
-        _fsync(path)
+        fsync_path(path)
     previous = current_version(prefix)
     _replace_with_symlink(version.name, current_link(prefix), work)  # the commit
-    _fsync(Path(prefix).parent)
+    fsync_path(Path(prefix).parent)
     if previous is not None and previous != version:
         shutil.rmtree(previous, ignore_errors=True)
 

@@ -19,6 +19,7 @@ their loss_inputs mark the responses, their loss reduces each response first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class SFT:
     """Cross-entropy on the answer tokens, weighted as `weighting` says (sequence, token or pack; see loss.py)."""
 
     weighting: str = "sequence"
-    name: str = "sft"
+    name: ClassVar[str] = "sft"
 
     def __post_init__(self):
         if self.weighting not in LOSS_MODES:

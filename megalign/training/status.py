@@ -16,10 +16,11 @@ out of memory, a node lost) before they could write it.
 from __future__ import annotations
 
 import json
-import os
 import time
 from enum import Enum
 from pathlib import Path
+
+from megalign.files import write_atomically
 
 STATUS_FILE = "run_status.json"
 
@@ -47,9 +48,7 @@ def write_status(output_dir: str | Path, status: RunStatus, **details) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     record = {"status": status.value, "exit_code": status.exit_code, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **details}
-    tmp = out / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / STATUS_FILE)
+    write_atomically(out / STATUS_FILE, json.dumps(record, indent=1) + "\n")
     return out / STATUS_FILE
 
 

@@ -183,10 +183,11 @@ class Trainer:
     def train_step(self, batches: BatchBuilder | None = None) -> StepResult:
         """One optimizer step on the sampler's next global batch (built by `batches`, default the run's)."""
         started = time.perf_counter()
+        batches = batches or self.batches
         refs = self.sampler.next_global_batch()
         figures = self.forward_backward(refs, batches=batches)
         grad_norm, lr, skipped = self.optimizer_step(figures["loss"])
-        lengths = (batches or self.batches).sequence_lengths(refs)
+        lengths = batches.sequence_lengths(refs)
         return StepResult(
             step=self.step, loss=figures["loss"], lr=lr, grad_norm=grad_norm, sequences=len(lengths),
             tokens=int(sum(lengths)), seconds=time.perf_counter() - started,

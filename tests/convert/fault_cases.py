@@ -13,6 +13,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from unittest import mock
 
 warnings.filterwarnings("ignore")
 
@@ -28,6 +29,15 @@ def leftovers(work: Path) -> list:
 
 def fault(*args, **kwargs):
     raise RuntimeError("injected fault")
+
+
+def error_of(function, *args, **kwargs) -> str | None:
+    """The injected fault's message, or None when `function` ran through."""
+    try:
+        function(*args, **kwargs)
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 def run(hf: Path, work: Path) -> dict:
@@ -46,15 +56,8 @@ def run(hf: Path, work: Path) -> dict:
     before = {"import": digests(imported), "export": digests(exported)}
     r = {}
 
-    write_model_yaml = convert._write_model_yaml
-    convert._write_model_yaml = fault  # the new checkpoint is written by then
-    try:
-        import_hf(hf, imported, overwrite=True)
-        r["import_error"] = None
-    except RuntimeError as e:
-        r["import_error"] = str(e)
-    finally:
-        convert._write_model_yaml = write_model_yaml
+    with mock.patch.object(convert, "_write_model_yaml", fault):  # the new checkpoint is written by then
+        r["import_error"] = error_of(import_hf, hf, imported, overwrite=True)
     r["import_unchanged"] = digests(imported) == before["import"]
     r["leftovers_after_import_fault"] = leftovers(work)
     model_cfg, _ = hfc.hf_to_model_config(hfc.read_hf_config(hf))
@@ -71,14 +74,8 @@ def run(hf: Path, work: Path) -> dict:
             raise RuntimeError("injected fault")
         return add(self, *args, **kwargs)
 
-    ShardedWriter.add = add_then_fail
-    try:
-        export_hf(imported, exported, overwrite=True)
-        r["export_error"] = None
-    except RuntimeError as e:
-        r["export_error"] = str(e)
-    finally:
-        ShardedWriter.add = add
+    with mock.patch.object(ShardedWriter, "add", add_then_fail):
+        r["export_error"] = error_of(export_hf, imported, exported, overwrite=True)
     r["export_unchanged"] = digests(exported) == before["export"]
     r["leftovers_after_export_fault"] = leftovers(work)
     _, info = transformers.AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)

@@ -105,7 +105,7 @@ def test_metadata_of_a_fresh_prefix_appears_with_its_data(tmp_path, bpe_tokenize
     def killed(path):
         raise OSError("killed")
 
-    monkeypatch.setattr(writer, "_fsync", killed)  # called on the new files just before the commit
+    monkeypatch.setattr(writer, "fsync_path", killed)  # called on the new files just before the commit
     with pytest.raises(OSError, match="killed"):
         preprocess(options(tmp_path, bpe_tokenizer_dir, [example["short"]]))
     assert dataset_state(prefix) is None and not fmt.rejects_file(prefix).exists()
