@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -19,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megalign.errors import MegalignError, OptionError
 
+ATTENTION_BACKENDS = ("auto", "te", "flash", "torch", "sdpa")  # model.attention_backend (model/attention.py)
 OBJECTIVES = ("sft",)  # training.objective (megalign/training/objective.py)
 NONFINITE_POLICIES = ("error", "skip")  # training.on_nonfinite
 LOSS_MODES = ("sequence", "token", "pack")  # training.loss: the sft objective's weighting (training/loss.py)
@@ -107,6 +109,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     distributed_optimizer: bool = True
+    timeout_minutes: float = 30.0  # a collective that waits longer fails the rank (a hung or lost peer ends the job)
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,11 @@ def _validate_rope(m: ModelConfig) -> None:
                             "unset (0.1 * ln(factor) + 1)")
 
 
+def checkpoint_dir(cfg: Config) -> Path:
+    """Where the run's checkpoints go: checkpoint.dir, else run.output_dir/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.output_dir) / "checkpoints"
+
+
 def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     """Every rule between keys, checked before any process group starts (one line per problem, first wins).
     with_data=False: the model and parallel keys only (e.g. a checkpoint converter, which has no data)."""
@@ -284,13 +292,13 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
         raise MegalignError(f"config key run.wandb={cfg.run.wandb} needs the wandb package "
                             "(pip install 'megalign[wandb]'), or set run.wandb=off")
-    from megalign.model.attention import BACKENDS
-
-    _check_choice("model.attention_backend", m.attention_backend, BACKENDS)
+    _check_choice("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.cp", p.cp),
                        ("training.global_batch", t.global_batch), ("training.steps", t.steps)):
         if value < 1:
             raise MegalignError(f"config key {key}: must be >= 1, got {value}")
+    if not (math.isfinite(p.timeout_minutes) and p.timeout_minutes > 0):
+        raise MegalignError(f"config key parallel.timeout_minutes={p.timeout_minutes} must be > 0, e.g. 30")
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         raise MegalignError(

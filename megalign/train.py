@@ -15,7 +15,7 @@ from pathlib import Path
 from megalign.cli import Parser
 from megalign.config import load_config, to_dict, validate
 from megalign.errors import MegalignError
-from megalign.training.status import RunStatus, write_status
+from megalign.training.status import RunStatus, write_rank_error, write_status
 
 
 def _setup_logging(output_dir: Path, is_logging_rank: bool) -> logging.Logger:
@@ -36,15 +36,21 @@ def _setup_logging(output_dir: Path, is_logging_rank: bool) -> logging.Logger:
 
 def run(config_path: str | None, overrides: list[str]) -> RunStatus:
     """Train as the config says; returns how the run ended. A MegalignError before the trainer exists (bad config)
-    leaves nothing behind; after it, run_status.json records it."""
+    leaves nothing behind; after it, run_status.json records it, and every rank that raises leaves its error in
+    run.output_dir/errors/ (for the launcher to name the first one)."""
     from megalign import megatron_compat
 
     megatron_compat.quiet_known_warnings()
+    from megalign.checkpoint.preemption import PreemptionWatch
     from megalign.parallel.setup import world_size_from_env
 
-    cfg = load_config(config_path, overrides)
-    validate(cfg, world_size_from_env())  # before any process group starts
+    with PreemptionWatch() as watch:  # from the start: a time-limit signal during start-up stops after step one
+        cfg = load_config(config_path, overrides)
+        validate(cfg, world_size_from_env())  # before any process group starts
+        return _train(cfg, watch)
 
+
+def _train(cfg, watch) -> RunStatus:
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
@@ -53,28 +59,32 @@ def run(config_path: str | None, overrides: list[str]) -> RunStatus:
     from megalign.training.trainer import Trainer
 
     out = Path(cfg.run.output_dir)
-    speaker = int(os.environ.get("RANK", "0")) == 0  # the rank that logs and writes the run's files
+    rank = int(os.environ.get("RANK", "0"))
+    speaker = rank == 0  # the rank that logs and writes the run's files
     trainer = None
+    attempt = {}  # what every status record of this run repeats
     try:
         trainer = Trainer(cfg)
         log = _setup_logging(out, speaker)
+        attempt = {"started_step": trainer.step, "steps": cfg.training.steps,
+                   "checkpoint_dir": str(trainer.checkpoints.root), "world_size": trainer.layout.world_size}
         if speaker:
             OmegaConf.save(OmegaConf.create(to_dict(trainer.cfg)), out / "config.yaml")
-            write_status(out, RunStatus.RUNNING, step=trainer.step, steps=cfg.training.steps,
-                         world_size=trainer.layout.world_size)
-        end = train(trainer, log)
+            write_status(out, RunStatus.RUNNING, step=trainer.step, **attempt)
+        end = train(trainer, log, watch)
         if speaker:
             newest = trainer.checkpoints.latest()
-            write_status(out, end.status, reason=end.reason, step=end.step, steps=cfg.training.steps,
-                         checkpoint=str(newest) if newest else None)
+            write_status(out, end.status, reason=end.reason, step=end.step,
+                         checkpoint=str(newest) if newest else None, **attempt)
         return end.status
     except BaseException as e:
+        invalid = isinstance(e, MegalignError) and not e.retryable
+        write_rank_error(out, rank, e)
         if speaker:
-            invalid = isinstance(e, MegalignError) and not e.retryable
             status = RunStatus.INVALID if invalid else RunStatus.FAILED
             first_line = (str(e).splitlines() or [""])[0]
             write_status(out, status, reason=f"{type(e).__name__}: {first_line}"[:500],
-                         step=trainer.step if trainer else None, steps=cfg.training.steps)
+                         step=trainer.step if trainer else None, **attempt)
         raise
     finally:
         if trainer is not None and dist.is_initialized() and sys.exc_info()[0] is None:

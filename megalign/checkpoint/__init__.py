@@ -1,12 +1,23 @@
 """Checkpoints: megatron dist_checkpointing state (state.py), published atomically on disk (store.py),
-saved on preemption signals (preemption.py)."""
+saved on preemption signals (preemption.py).
 
-from megalign.checkpoint.state import (Restored, RunIdentity, TrainingParts, data_identity, load_training, load_weights,
-                                       model_identity, resolve, rng_state, save_training, save_weights, set_rng_state,
-                                       training_manifest)
-from megalign.checkpoint.store import CheckpointStore, read_manifest
+The names below are loaded on first use, so reading the on-disk layout (store.py, e.g. from the Slurm batch
+scripts' bookkeeping) does not import torch and megatron-core."""
 
-__all__ = ["CheckpointStore", "Restored", "RunIdentity", "TrainingParts", "data_identity", "load_training",
-           "load_weights", "model_identity",
-           "read_manifest", "resolve", "rng_state", "save_training", "save_weights", "set_rng_state",
-           "training_manifest"]
+_STATE = ("Restored", "RunIdentity", "TrainingParts", "data_identity", "load_training", "load_weights",
+          "model_identity", "resolve", "rng_state", "save_training", "save_weights", "set_rng_state",
+          "training_manifest")
+_STORE = ("CheckpointStore", "read_manifest")
+__all__ = sorted(_STATE + _STORE)
+
+
+def __getattr__(name: str):
+    if name in _STATE:
+        from megalign.checkpoint import state
+
+        return getattr(state, name)
+    if name in _STORE:
+        from megalign.checkpoint import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'megalign.checkpoint' has no attribute {name!r}")

@@ -38,6 +38,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def step_of(path: str | Path) -> int:
+    """The step of a checkpoint directory (step_0000100 -> 100)."""
+    found = _STEP_DIR.match(Path(path).name)
+    if found is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNNN)")
+    return int(found.group(1))
+
+
 CHECKSUM = "xxh3_64"
 _CHUNK = 8 << 20
 

@@ -27,11 +27,12 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from megalign.config import ATTENTION_BACKENDS
 from megalign.errors import MegalignError
 from megalign.parallel import context
 from megalign.parallel.setup import chunk_attention_kernel
 
-BACKENDS = ("auto", "te", "flash", "torch", "sdpa")
+BACKENDS = ATTENTION_BACKENDS
 
 
 @dataclass

@@ -49,7 +49,26 @@ class Runtime:
         return self.device.type == "cpu"
 
 
+# Where a launcher says which rank a process is: torchrun's variables, else those of an `srun` job step (one task
+# per rank; launch/slurm/train.sbatch sets MASTER_ADDR and MASTER_PORT). A batch script's own environment has
+# SLURM_PROCID too, but no SLURM_STEP_ID: a plain `python -m megalign.train` there is one process.
+SLURM_RANK_VARIABLES = {"RANK": "SLURM_PROCID", "LOCAL_RANK": "SLURM_LOCALID", "WORLD_SIZE": "SLURM_STEP_NUM_TASKS"}
+
+
+def adopt_launcher_env(env=os.environ) -> None:
+    """Set RANK / LOCAL_RANK / WORLD_SIZE from an srun step's variables when no torchrun-style launcher set them."""
+    if "RANK" in env or "SLURM_STEP_ID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if missing:
+        raise MegalignError(f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but {' and '.join(missing)} "
+                            "is not set: the rendezvous address of rank 0; launch/slurm/train.sbatch sets both")
+    for ours, slurms in SLURM_RANK_VARIABLES.items():
+        env[ours] = env[slurms]
+
+
 def world_size_from_env() -> int:
+    adopt_launcher_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -64,6 +83,7 @@ def resolve_device(requested: str) -> str:
 def initialize(cfg: Config, device: str | None = None) -> Runtime:
     """Start torch.distributed (a single process works without torchrun) and megatron's groups; the runtime.
     `device`: cpu or cuda (None: run.device)."""
+    adopt_launcher_env()
     device = resolve_device(device or cfg.run.device)
     if device == "cpu":
         from megalign.parallel import cpu
@@ -73,11 +93,12 @@ def initialize(cfg: Config, device: str | None = None) -> Runtime:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         backend = "gloo" if device == "cpu" else "nccl"
+        timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
         if "RANK" in os.environ:  # torchrun / srun: the launcher's rendezvous
-            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # one process without a launcher; the environment is left alone (child processes inherit it)
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1, timeout=timedelta(minutes=30))
+                                    world_size=1, timeout=timeout)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
     }
 
 
-def train(trainer: Trainer, log: logging.Logger) -> RunEnd:
+def train(trainer: Trainer, log: logging.Logger, watch: PreemptionWatch | None = None) -> RunEnd:
+    """Run to training.steps (or run.stop_at_step, or a signal). `watch`: one the caller has already entered, to
+    catch signals from before the trainer was built; None: the loop watches for them itself."""
     cfg, layout = trainer.cfg, trainer.layout
     speaker = layout.rank == 0
     metrics = MetricsLogger(cfg, enabled=speaker, resumed_at=trainer.saved_step)
@@ -47,10 +50,11 @@ def train(trainer: Trainer, log: logging.Logger) -> RunEnd:
     preempted = None
     bar = tqdm(total=cfg.training.steps, initial=trainer.step, desc="train",
                disable=not (speaker and cfg.run.progress), leave=False)
-    watch = PreemptionWatch(trainer.runtime.comm_device)
+    watching = nullcontext(watch) if watch is not None else PreemptionWatch()
     last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)
     try:
-        with watch:
+        with watching as watch:
+            watch.device = trainer.runtime.comm_device
             while trainer.step < last_step:
                 result = trainer.train_step()
                 _report(result, cfg, layout, metrics, bar, records, log)

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megalign import checkpoint as ckpt
 from megalign import megatron_compat
-from megalign.config import Config, resolve, to_dict
+from megalign.config import Config, checkpoint_dir, resolve, to_dict
 from megalign.data.sampler import PackRef, PackSampler, dp_share
 from megalign.data.source import PackSource
 from megalign.errors import MegalignError
@@ -98,7 +98,7 @@ class Trainer:
                                     cfg.model.max_position_embeddings, cfg.model.vocab_size, self.layout.cp,
                                     self.layout.cp_rank)
         self.step = 0
-        self.checkpoints = ckpt.CheckpointStore(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
+        self.checkpoints = ckpt.CheckpointStore(checkpoint_dir(cfg))
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
         self.source: dict = {}  # the origin of the weights (tools/convert_checkpoint.py), kept in every save
         self.started_from = self._restore()

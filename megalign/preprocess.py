@@ -1,0 +1,7 @@
+"""Entry point: `python -m megalign.preprocess --input ... --output-prefix PREFIX` (tools/preprocess_data.py's
+command line; launch/slurm/preprocess.sbatch runs it)."""
+
+from megalign.data.cli import preprocess_main
+
+if __name__ == "__main__":
+    preprocess_main()
