@@ -9,7 +9,7 @@ from megalign.data.templates import TEMPLATE_NAMES
 from megalign.megatron_compat import quiet_known_warnings
 
 
-def preprocess_main(argv: list[str] | None = None) -> None:
+def preprocess_parser() -> Parser:
     p = Parser(
         prog="preprocess_data.py",
         description="Turn JSONL chats into a packed, indexed dataset (megalign format v1).",
@@ -36,9 +36,11 @@ def preprocess_main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output-prefix")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
-    opts = PreprocessOptions(
+    return p
+
+
+def preprocess_options(args) -> PreprocessOptions:
+    return PreprocessOptions(
         inputs=args.inputs, ratios=args.ratios, tokenizer=args.tokenizer, chat_template=args.chat_template,
         seq_length=args.seq_length, packing=args.packing, group_size=args.group_size,
         output_prefix=args.output_prefix, overlength=args.overlength,
@@ -46,7 +48,13 @@ def preprocess_main(argv: list[str] | None = None) -> None:
         workers=args.workers, seed=args.seed,
         overwrite=args.overwrite, progress=False if args.no_progress else None,
     )
-    result = p.call(preprocess, opts)
+
+
+def preprocess_main(argv: list[str] | None = None) -> None:
+    p = preprocess_parser()
+    args = p.parse_args(argv)
+    quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
+    result = p.call(preprocess, preprocess_options(args))
     print(summary(result))
 
 

@@ -97,7 +97,8 @@ def end(exit_code: int, env=os.environ) -> tuple[str, int]:
 
     steps = f"steps {first_step}-{last_step}" if first_step and last_step and last_step >= first_step else "no step"
     saved = f"newest checkpoint: step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint"
-    say(f"attempt {attempt.restart + 1} of job {attempt.job_id} ended {status} ({reason}); {steps}; {saved}; "
+    brief = reason if len(reason) <= 160 else reason[:157] + "..."
+    say(f"attempt {attempt.restart + 1} of job {attempt.job_id} ended {status} ({brief}); {steps}; {saved}; "
         f"srun {exit_description(exit_code)}")
     if failure:
         say(f"first failure: {failure} (tracebacks: {env['MEGALIGN_ATTEMPT_LOG']}, {run_dir / 'errors'})")

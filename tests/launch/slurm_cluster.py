@@ -94,7 +94,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={socket_path},cred_expire=10
+AuthInfo=socket={socket_path},cred_expire=5
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={r / 'slurmctld.pid'}
@@ -181,12 +181,12 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             fields[key] = value
         return fields
 
-    def wait(self, job_id: str, timeout: float = 180) -> dict:
-        """Block until the job is in a terminal state (not requeued); its scontrol fields."""
+    def wait(self, job_id: str, timeout: float = 180, restarts: int = 0) -> dict:
+        """Block until the job is in a terminal state after at least `restarts` requeues; its scontrol fields."""
         deadline = time.monotonic() + timeout
         while True:
             state = self.job_state(job_id)
-            if state.get("JobState") in TERMINAL:
+            if state.get("JobState") in TERMINAL and int(state.get("Restarts", 0)) >= restarts:
                 return state
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state.get('JobState')} after {timeout:.0f} s: {state}")

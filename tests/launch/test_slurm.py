@@ -1,0 +1,135 @@
+"""megalign's Slurm launch on a real Slurm cluster (munge + slurmctld + two slurmd nodes on loopback, started by
+the `slurm` fixture): jobs submitted with megalign-submit, run by launch/slurm/*.sbatch, one srun task per rank.
+
+- a 2-node job (TP=2 x DP=2 across the nodes), signalled mid-run as a time limit does, saves, requeues itself,
+  resumes and finishes with the per-step losses of an uninterrupted local torchrun run, two attempts recorded
+  and nothing logged twice;
+- a rank killed with SIGKILL in every attempt: the job fails after two attempts without progress, and its log
+  names the rank and the cause;
+- preprocess -> train runs through the dependency.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.conftest import REPO, megalign_submit, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def _submit_train(slurm, cwd: Path, *args: str) -> list[str]:
+    done = megalign_submit("train", "--cluster", "local-cpu", *args, cwd=cwd, env=slurm.env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {timeout:.0f} s")
+        time.sleep(0.2)
+    return found
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _torchrun(config: Path, nproc: int, out: Path, cwd: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                    "-m", "megalign.train", "--config", str(config), f"run.output_dir={out}"],
+                   cwd=cwd, env=env, check=True, capture_output=True, timeout=300)
+    return _lines(out / "metrics.jsonl")
+
+
+def test_a_signalled_two_node_job_requeues_resumes_and_equals_an_uninterrupted_run(slurm, dataset, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tp2.yaml", dataset, run, parallel={"tp": 2})
+    job, = _submit_train(slurm, tmp_path, "--nodes", "2", "--tasks-per-node", "2", "--config", str(config))
+
+    # The time limit's signal (--signal=USR1@N), sent now: after two steps of the first attempt.
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and len(_lines(run / "metrics.jsonl")) >= 2, 240,
+              "second step")
+    slurm.run(["scancel", "--signal=USR1", job])
+    state = slurm.wait(job, timeout=300, restarts=1)
+    assert state["JobState"] == "COMPLETED", state
+
+    attempts = _lines(run / "attempts.jsonl")
+    assert [(a["status"], a["action"], a["restart"]) for a in attempts] == [
+        ("stopped", "requeue", 0), ("finished", "done", 1)]
+    first, second = attempts
+    assert first["nodes"] == second["nodes"] == "n[1-2]" and first["tasks"] == 4
+    assert first["first_step"] == 1 and first["last_step"] == first["checkpoint_step"] >= 2
+    assert second["first_step"] == first["last_step"] + 1 and second["last_step"] == 6
+    assert sorted(p.name for p in (run / "logs").glob("train-*.log")) == [f"train-{job}-r0.log", f"train-{job}-r1.log"]
+    assert json.loads((run / "run_status.json").read_text())["status"] == "finished"
+
+    metrics = _lines(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # nothing logged twice, nothing missing
+    reference = _torchrun(config, 4, tmp_path / "torchrun", tmp_path)
+    for got, want in zip(metrics, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=0), got["step"]
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), got["step"]
+    job_log = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert "ended stopped (stopped by SIGUSR1)" in job_log and "requeue:" in job_log
+
+
+def test_a_rank_killed_in_every_attempt_fails_the_job_and_the_log_names_it(slurm, dataset, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tp2.yaml", dataset, run, parallel={"tp": 2}, training={"steps": 50})
+    job, = _submit_train(slurm, tmp_path, "--nodes", "2", "--tasks-per-node", "1", "--config", str(config))
+    killed = set()
+    deadline = time.monotonic() + 240
+    while slurm.job_state(job).get("JobState") not in ("FAILED", "COMPLETED", "CANCELLED"):
+        assert time.monotonic() < deadline, "the job neither failed nor finished"
+        for log in (run / "logs").glob(f"train-{job}-r*.log"):
+            if log.name not in killed and "step 1/" in log.read_text():  # mid-run: a step done, no checkpoint
+                for pid in slurm.processes(SLURM_JOB_ID=job, SLURM_PROCID="1"):
+                    if b"megalign.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                killed.add(log.name)
+        time.sleep(0.2)
+    state = slurm.wait(job)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "1", state
+
+    attempts = _lines(run / "attempts.jsonl")
+    assert [a["action"] for a in attempts] == ["requeue", "stop"]
+    for a in attempts:  # rank 0 reports the lost connection (failed), or is killed before it can (killed)
+        assert a["status"] in ("failed", "killed") and a["checkpoint_step"] is None, a
+        assert a["failure"].startswith("rank 1 on n2: Killed"), a["failure"]
+    assert "2 attempts in a row failed without a new checkpoint" in attempts[1]["why"]
+    job_log = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert "first failure: rank 1 on n2: Killed (SIGKILL" in job_log
+
+
+def test_preprocess_then_train_runs_through_the_dependency(slurm, bpe_tokenizer_dir, tmp_path):
+    from megalign.data import synthetic
+
+    inputs = synthetic.make_example(tmp_path, n_long=2, n_short=20, min_words=40, max_words=120, seed=3)
+    prefix = tmp_path / "data" / "chained"
+    prefix.parent.mkdir()
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "one.yaml", prefix, run, training={"steps": 2, "global_batch": 2})
+    preprocess = (f"--input {inputs['long']} {inputs['short']} --tokenizer {bpe_tokenizer_dir} "
+                  "--chat-template chatml --seq-length 1024")
+    prep_job, train_job = _submit_train(slurm, tmp_path, "--nodes", "1", "--config", str(config),
+                                        "--preprocess", preprocess)
+    assert "afterok" in slurm.job_state(train_job)["Dependency"] or slurm.job_state(train_job)["JobState"] != "PENDING"
+    prep_state = slurm.wait(prep_job)
+    train_state = slurm.wait(train_job, timeout=240)
+    assert prep_state["JobState"] == "COMPLETED" and train_state["JobState"] == "COMPLETED", (prep_state, train_state)
+    assert train_state["StartTime"] >= prep_state["EndTime"]
+    assert (prefix.parent / "chained.json").is_file()
+    assert json.loads((run / "run_status.json").read_text())["status"] == "finished"
+    prep_log = (run / "logs" / f"preprocess-{prep_job}.out").read_text()
+    usable = min(4, len(os.sched_getaffinity(0)))  # the CPUs Slurm gave the job (4), where this machine has them
+    assert f"--workers {usable}" in prep_log
