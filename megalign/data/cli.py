@@ -6,7 +6,6 @@ from megalign.cli import Parser
 from megalign.data import packing
 from megalign.data.preprocess import OVERLENGTH_POLICIES, PreprocessOptions, preprocess, summary
 from megalign.data.templates import TEMPLATE_NAMES
-from megalign.megatron_compat import quiet_known_warnings
 
 
 def preprocess_parser() -> Parser:
@@ -53,6 +52,8 @@ def preprocess_options(args) -> PreprocessOptions:
 def preprocess_main(argv: list[str] | None = None) -> None:
     p = preprocess_parser()
     args = p.parse_args(argv)
+    from megalign.megatron_compat import quiet_known_warnings  # (imports torch: only once there is work)
+
     quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
     result = p.call(preprocess, preprocess_options(args))
     print(summary(result))
@@ -64,6 +65,8 @@ def inspect_main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="draw the sample-length histogram and pack fill")
     p.add_argument("--verify", default="full", choices=("full", "sizes"), help="checksum the files (default) or sizes only")
     args = p.parse_args(argv)
+    from megalign.megatron_compat import quiet_known_warnings  # (imports torch: only once there is work)
+
     quiet_known_warnings()  # megatron-core's notices about TE/Apex: noise for the data tools
     from megalign.data.inspect import describe, plot
     from megalign.data.packed_dataset import PackedDataset

@@ -79,7 +79,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
         what = str(e).splitlines()[0]
         raise MegalignError(f"cluster profile {path}: {f'key {key}: ' if key else ''}{what}") from None
     except Exception as e:  # YAML syntax
-        raise MegalignError(f"cluster profile {path}: cannot parse: {str(e).splitlines()[0]}") from None
+        raise MegalignError(f"cluster profile {path}: cannot parse: {' '.join(str(e).split())[:300]}") from None
     profile = dataclasses.replace(profile, name=profile.name or path.stem,
                                   env={k: str(v) for k, v in profile.env.items()})
     for key, value in (("gpus_per_node", profile.gpus_per_node), ("cpus_per_node", profile.cpus_per_node),

@@ -62,7 +62,8 @@ def adopt_launcher_env(env=os.environ) -> None:
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
         raise MegalignError(f"srun started {env['SLURM_STEP_NUM_TASKS']} tasks but {' and '.join(missing)} "
-                            "is not set: the rendezvous address of rank 0; launch/slurm/train.sbatch sets both")
+                            f"{'is' if len(missing) == 1 else 'are'} not set (rank 0's rendezvous address); "
+                            "launch/slurm/train.sbatch sets both")
     for ours, slurms in SLURM_RANK_VARIABLES.items():
         env[ours] = env[slurms]
 
