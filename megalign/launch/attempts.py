@@ -31,6 +31,7 @@ _SRUN_TASK = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+)
 _DOWNSTREAM = re.compile(r"connection closed by peer|connection reset by peer|broken pipe|communicator was aborted|"
                          r"watchdog caught collective operation timeout|timed out|timeout|socket|"
                          r"barrier|NCCL communicator|DistBackendError|DistNetworkError", re.IGNORECASE)
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
 @dataclass
@@ -85,13 +86,23 @@ def srun_task_ends(log_text: str) -> list[TaskEnd]:
 
 
 def first_failure(rank_errors: list[dict], task_ends: list[TaskEnd]) -> Optional[str]:
-    """The first real failure of an attempt, in one line: a rank's own error unless it is one that peers raise
-    after a failure elsewhere; a task killed from outside (SIGKILL: out of memory, a lost node) comes before the
-    peers' connection errors it caused."""
+    """The first real failure of an attempt, in one line.
+
+    A rank's own error comes first, unless it is one that peers raise after a failure elsewhere (a lost
+    connection, a collective timeout). Then the silent ranks (srun reports them, but they left no error) are the
+    cause: killed from outside (SIGKILL: out of memory, a lost node) when their peers lost the connection, hung
+    when their peers timed out waiting for them. srun's report order is not relied on: two nodes report apart."""
     own = [e for e in rank_errors if not _DOWNSTREAM.search(f"{e['type']} {e['message']}")]
     if own:
         return _describe_error(own[0])
-    killed = [t for t in task_ends if not t.from_peer_cleanup and not t.what.startswith("Exited with exit code")]
+    reported = {e["rank"] for e in rank_errors}
+    silent = [t for t in task_ends if t.rank not in reported and not t.what.startswith("Exited with exit code")]
+    timed_out = [e for e in rank_errors if _TIMEOUT.search(e["message"])]
+    if silent and timed_out:
+        t, e = silent[0], timed_out[0]
+        return (f"rank {t.rank} on {t.node} hung: rank {e['rank']}'s collective timed out waiting "
+                f"(parallel.timeout_minutes), then srun ended rank {t.rank} ({t.what})")
+    killed = [t for t in silent if not t.from_peer_cleanup] or [t for t in task_ends if t.what == "Killed"]
     if killed:
         t = killed[0]
         hint = " (SIGKILL: out of memory, or killed from outside)" if t.what == "Killed" else ""
@@ -128,7 +139,7 @@ def decide(attempt: Attempt, previous: list[Attempt], max_restarts: int, max_sta
                 break
             stalled += 1
         if stalled >= max_stalled:
-            return "stop", (f"{stalled} attempts in a row failed without a new checkpoint (MEGALIGN_MAX_STALLED="
+            return "stop", (f"{stalled} attempt{'s' if stalled > 1 else ''} in a row failed without a new checkpoint (MEGALIGN_MAX_STALLED="
                             f"{max_stalled}): not requeued; fix the cause, then resubmit to resume")
     if attempt.restart >= max_restarts:
         return "stop", (f"restarted {attempt.restart} times (MEGALIGN_MAX_RESTARTS={max_restarts}): not requeued; "

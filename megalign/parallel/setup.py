@@ -101,8 +101,9 @@ def initialize(cfg: Config, device: str | None = None) -> Runtime:
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                     world_size=1, timeout=timeout)
     p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp
+    parallel_state.initialize_model_parallel(  # its groups get the same timeout (megatron's default: 30 min)
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp,
+        distributed_timeout_minutes=p.timeout_minutes,
     )
     # megatron's RNG streams: the default one is the same on every rank; the tensor-parallel one differs
     # across TP ranks (dropout inside TP regions), as megatron means it to.

@@ -113,7 +113,7 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=600
-KillWait=10
+KillWait=5
 InactiveLimit=0
 {nodes}
 PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from megalign.launch.profiles import available
 from tests.launch.conftest import REPO, megalign_submit, write_config
 
 pytestmark = pytest.mark.slow
@@ -109,6 +110,28 @@ def test_a_rank_killed_in_every_attempt_fails_the_job_and_the_log_names_it(slurm
     assert "2 attempts in a row failed without a new checkpoint" in attempts[1]["why"]
     job_log = (run / "logs" / f"slurm-{job}.out").read_text()
     assert "first failure: rank 1 on n2: Killed (SIGKILL" in job_log
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout_naming_it(slurm, dataset, tmp_path):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tp2.yaml", dataset, run, parallel={"tp": 2, "timeout_minutes": 0.2},
+                          training={"steps": 50})
+    profile = tmp_path / "once.yaml"  # the local cluster, but no second try after a failure without progress
+    profile.write_text(available()["local-cpu"].read_text().replace("max_stalled: 2", "max_stalled: 1"))
+    done = megalign_submit("train", "--cluster", str(profile), "--nodes", "2", "--tasks-per-node", "1", "--config",
+                           str(config), "parallel.timeout_minutes=0.2", cwd=tmp_path, env=slurm.env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split()[0]
+    log = run / "logs" / f"train-{job}-r0.log"
+    _wait_for(lambda: log.is_file() and "step 1/" in log.read_text(), 240, "first step")
+    for pid in slurm.processes(SLURM_JOB_ID=job, SLURM_PROCID="1"):
+        if b"megalign.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets open, answering nothing
+    state = slurm.wait(job, timeout=120)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", state
+    attempt, = _lines(run / "attempts.jsonl")
+    assert attempt["action"] == "stop"
+    assert attempt["failure"].startswith("rank 1 on n2 hung: rank 0's collective timed out waiting"), attempt
 
 
 def test_preprocess_then_train_runs_through_the_dependency(slurm, bpe_tokenizer_dir, tmp_path):
