@@ -97,11 +97,19 @@ def first_failure(rank_errors: list[dict], task_ends: list[TaskEnd]) -> Optional
         return _describe_error(own[0])
     reported = {e["rank"] for e in rank_errors}
     silent = [t for t in task_ends if t.rank not in reported and not t.what.startswith("Exited with exit code")]
-    timed_out = [e for e in rank_errors if _TIMEOUT.search(e["message"])]
-    if silent and timed_out:
-        t, e = silent[0], timed_out[0]
-        return (f"rank {t.rank} on {t.node} hung: rank {e['rank']}'s collective timed out waiting "
-                f"(parallel.timeout_minutes), then srun ended rank {t.rank} ({t.what})")
+    timed_out = [e for e in rank_errors if _TIMEOUT.search(e["message"])]  # earliest first
+    if timed_out:
+        first = timed_out[0]
+        if silent:  # never answered: srun had to end it
+            rank, node, how = silent[0].rank, silent[0].node, f"then srun ended it ({silent[0].what})"
+        elif len(timed_out) > 1 and timed_out[-1]["time"] - first["time"] > 1.0:  # woke up only to time out itself
+            late = timed_out[-1]
+            rank, node, how = late["rank"], late["host"], f"it timed out {late['time'] - first['time']:.0f} s later"
+        else:
+            return (f"{_describe_error(first)} (a collective timed out: a peer hung or died; with NCCL, the flight "
+                    "recorder's traces say which)")
+        return (f"rank {rank} on {node} hung: rank {first['rank']}'s collective timed out waiting "
+                f"(parallel.timeout_minutes), {how}")
     killed = [t for t in silent if not t.from_peer_cleanup] or [t for t in task_ends if t.what == "Killed"]
     if killed:
         t = killed[0]

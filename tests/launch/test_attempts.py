@@ -74,6 +74,12 @@ def test_the_first_real_failure_is_named_not_the_peers_that_followed():
     assert first_failure([timeout, oom, peer], []) == "rank 3 on n4: OutOfMemoryError: CUDA out of memory. " \
                                                       "Tried to allocate 2.00 GiB"
     assert first_failure([timeout], []).startswith("rank 2 on n3: DistBackendError")  # nothing better known
+    # a hung rank: silent when srun ends it, or the last to time out when srun's SIGCONT woke it first
+    waiting = error(0, 20.0, "RuntimeError", "Timed out waiting 12000ms for recv operation to complete")
+    assert first_failure([waiting], srun_task_ends("srun: error: n2: task 1: Killed\n")).startswith(
+        "rank 1 on n2 hung: rank 0's collective timed out waiting (parallel.timeout_minutes), then srun ended it")
+    woken = error(1, 33.0, "RuntimeError", "Timed out waiting 12000ms for recv operation to complete")
+    assert first_failure([waiting, woken], []).startswith("rank 1 on n2 hung: rank 0's collective timed out")
     assert first_failure([], srun_task_ends("srun: error: n1: task 0: Exited with exit code 1\n")) == \
         "rank 0 on n1: Exited with exit code 1"
     assert first_failure([], []) is None
