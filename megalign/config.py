@@ -101,6 +101,9 @@ class DataConfig:
     # skipalign: the probability that a sample gets skips (drawn per sample and epoch); the others keep
     # contiguous positions. 0: exactly contiguous
     skipalign_fraction: float = 1.0
+    # held-out datasets for the validation loss (a PREFIX or a list, made by the same preprocessing, the same
+    # tokenizer); every pack of each is evaluated, forward only, with contiguous positions
+    valid_path: Any = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class TrainingConfig:
     # saved) or skip (no update; metrics.jsonl marks the step `skipped`)
     on_nonfinite: str = "error"
     loss: str = "sequence"  # the sft weighting: sequence (LongAlign) | token | pack (training/loss.py)
+    eval_interval: int = 0  # validation loss on data.valid_path every N steps and after the last (0: never)
+    # the validation loss is also reported per sample-length bucket: samples shorter than each edge (tokens)
+    eval_buckets: list[int] = field(default_factory=lambda: [8192, 32768])
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,11 @@ class Config:
     def data_paths(self) -> list[str]:
         return [self.data.path] if isinstance(self.data.path, str) else list(self.data.path)
 
+    @property
+    def valid_paths(self) -> list[str]:
+        v = self.data.valid_path
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
+
 
 def _one_line(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
@@ -200,8 +211,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise MegalignError(_one_line(e)) from None
-    if isinstance(cfg.data.path, (ListConfig, DictConfig)):
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=OmegaConf.to_container(cfg.data.path)))
+    for key in ("path", "valid_path"):
+        value = getattr(cfg.data, key)
+        if isinstance(value, (ListConfig, DictConfig)):
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **{key: OmegaConf.to_container(value)}))
     return cfg
 
 
@@ -328,12 +341,26 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if t.global_batch % dp:
         raise MegalignError(f"config key training.global_batch={t.global_batch} must be a multiple of the data-parallel "
                             f"size {dp}; try training.global_batch={max(dp, t.global_batch // dp * dp)}")
+    _validate_evaluation(cfg)
     if with_data:
         _validate_data(cfg)
         _validate_checkpoint(cfg.checkpoint)
         _validate_writable("run.output_dir", cfg.run.output_dir)
         if cfg.checkpoint.dir is not None:
             _validate_writable("checkpoint.dir", cfg.checkpoint.dir)
+
+
+def _validate_evaluation(cfg: Config) -> None:
+    t = cfg.training
+    if t.eval_interval < 0:
+        raise MegalignError(f"config key training.eval_interval={t.eval_interval} must be >= 0 (0: no validation)")
+    if t.eval_interval and not cfg.valid_paths:
+        raise MegalignError(f"config key training.eval_interval={t.eval_interval} needs data.valid_path (a held-out "
+                            "PREFIX made by tools/preprocess_data.py), or set training.eval_interval=0")
+    edges = list(t.eval_buckets)
+    if any(e < 1 for e in edges) or edges != sorted(set(edges)):
+        raise MegalignError(f"config key training.eval_buckets={edges} must be increasing token counts >= 1, "
+                            "e.g. [8192, 32768]")
 
 
 def _validate_optimizer(t: TrainingConfig) -> None:
@@ -410,10 +437,23 @@ def _validate_data(cfg: Config) -> None:
         raise MegalignError("config key data.weights: weights must be >= 0 with a positive sum")
     from megalign.data.packed_dataset import read_metadata
 
+    valid = cfg.valid_paths
+    if not all(isinstance(x, str) for x in valid):
+        raise MegalignError(f"config key data.valid_path: expected a PREFIX or a list of PREFIXes, "
+                            f"got {cfg.data.valid_path!r}")
+    for prefix in valid:
+        if not os.path.isfile(prefix + ".json"):
+            raise MegalignError(f"config key data.valid_path: {prefix}.json not found (a PREFIX written by "
+                                "tools/preprocess_data.py, without .bin/.idx)")
     metas = [read_metadata(p) for p in paths]  # one-line errors for damaged metadata
     vocab = {m["tokenizer"]["sha256"] for m in metas}
     if len(vocab) > 1:
         raise MegalignError("config key data.path: the datasets were made with different tokenizers")
+    for prefix in valid:
+        if read_metadata(prefix)["tokenizer"]["sha256"] not in vocab:
+            raise MegalignError(f"config key data.valid_path: {prefix} was made with another tokenizer than "
+                                "data.path: its loss would not be comparable (preprocess it with the same one)")
+    metas += [read_metadata(p) for p in valid]
     longest = max(m["seq_length"] for m in metas)
     if longest > cfg.model.max_position_embeddings:
         raise MegalignError(

@@ -15,6 +15,7 @@ from megalign.checkpoint.preemption import PreemptionWatch
 from megalign.training.metrics import MetricsLogger
 from megalign.training.status import RunStatus
 from megalign.training.trainer import StepResult, Trainer
+from megalign.training.validation import validator_for
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def train(trainer: Trainer, log: logging.Logger, watch: PreemptionWatch | None =
     preempted = None
     bar = tqdm(total=cfg.training.steps, initial=trainer.step, desc="train",
                disable=not (speaker and cfg.run.progress), leave=False)
+    validator = validator_for(trainer)
     watching = nullcontext(watch) if watch is not None else PreemptionWatch()
     last_step = min(cfg.training.steps, cfg.run.stop_at_step or cfg.training.steps)
     try:
@@ -57,7 +59,10 @@ def train(trainer: Trainer, log: logging.Logger, watch: PreemptionWatch | None =
             watch.device = trainer.runtime.comm_device
             while trainer.step < last_step:
                 result = trainer.train_step()
-                _report(result, cfg, layout, metrics, bar, records, log)
+                every = cfg.training.eval_interval
+                due = validator is not None and (result.step % every == 0 or result.step == last_step)
+                valid = validator.run() if due else None
+                _report(result, valid, cfg, layout, metrics, bar, records, log)
                 stop = watch.agreed()
                 interval = cfg.checkpoint.interval
                 if stop or (interval and result.step % interval == 0):
@@ -92,8 +97,14 @@ def _save(trainer: Trainer, log: logging.Logger) -> None:
     log.info(f"checkpoint: {where} ({size / 2**20:,.1f} MiB in {time.perf_counter() - started:.1f} s)")
 
 
-def _report(result: StepResult, cfg, layout, metrics, bar, records: list, log: logging.Logger) -> None:
+def _report(result: StepResult, valid: dict | None, cfg, layout, metrics, bar, records: list,
+            log: logging.Logger) -> None:
     record = metrics_record(result, layout.world_size)
+    if valid is not None:
+        record.update({f"valid_{k}": v for k, v in valid.items()})
+        buckets = " ".join(f"{k[len('loss/'):]} {v:.4f}" for k, v in valid.items() if k.startswith("loss/"))
+        log.info(f"step {result.step}: valid_loss {valid['loss']:.4f} ({buckets}) over {valid['sequences']} "
+                 "held-out samples")
     records.append(record)
     metrics.log(record)
     bar.update(1)

@@ -47,12 +47,12 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                if self._tb is not None:
-                    self._tb.add_scalar(f"train/{key}", value, step)
+        figures = {_tag(k): v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for tag, value in figures.items():
+                self._tb.add_scalar(tag, value, step)
         if self._wandb is not None:
-            self._wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            self._wandb.log(figures, step=step)
 
     def close(self) -> None:
         if not self.enabled:
@@ -62,6 +62,11 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _tag(key: str) -> str:
+    """metrics.jsonl key -> TensorBoard/wandb tag: valid_loss/<8k -> valid/loss/<8k, loss -> train/loss."""
+    return f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:

@@ -110,26 +110,33 @@ class Trainer:
         its share; gradients accumulate into the model's buffers. Returns the objective's global figures
         ({"loss": ...}), the same on every rank. `batches`: another builder (other data, objective, positions)."""
         batches = batches or self.batches
-        mine = dp_share(refs, self.layout.dp, self.layout.dp_rank)
-        micro_batches = [batches.build(r).to(self.runtime.device) for r in mine]
         if not forward_only:
             self.zero_grad()
-        training = self.model.training
-        if forward_only:
-            self.model.eval()
-        try:
-            reports = get_forward_backward_func()(
-                forward_step_func=partial(self._forward_step, batches.objective),
-                data_iterator=iter(micro_batches),
-                model=[self.model],
-                num_microbatches=len(micro_batches),
-                seq_length=max(len(b.tokens) for b in micro_batches),
-                micro_batch_size=1,
-                forward_only=forward_only,
-            )
-        finally:
-            self.model.train(training)
-        return self._global_figures(batches.objective, reports)
+        mine = dp_share(refs, self.layout.dp, self.layout.dp_rank)
+        return batches.objective.metrics(self.forward_sums(mine, forward_only, batches))
+
+    def forward_sums(self, mine: Sequence[PackRef], forward_only: bool, batches: BatchBuilder) -> torch.Tensor:
+        """This rank's packs `mine` through megatron's schedule; the objective's sums over every rank (a
+        collective: every rank calls it, one with no packs too, which adds nothing)."""
+        reports = []
+        if mine:
+            micro_batches = [batches.build(r).to(self.runtime.device) for r in mine]
+            training = self.model.training
+            if forward_only:
+                self.model.eval()
+            try:
+                reports = get_forward_backward_func()(
+                    forward_step_func=partial(self._forward_step, batches.objective),
+                    data_iterator=iter(micro_batches),
+                    model=[self.model],
+                    num_microbatches=len(micro_batches),
+                    seq_length=max(len(b.tokens) for b in micro_batches),
+                    micro_batch_size=1,
+                    forward_only=forward_only,
+                )
+            finally:
+                self.model.train(training)
+        return self._global_sums(batches.objective, reports)
 
     @staticmethod
     def _forward_step(objective, data_iterator, model):
@@ -143,13 +150,13 @@ class Trainer:
         )
         return output, partial(objective.loss, inputs=batch.loss)
 
-    def _global_figures(self, objective, reports: list[dict]) -> dict[str, float]:
-        """The objective's figures over the whole global batch: its sums over micro-batches and ranks. Only the
-        last pipeline stage has the losses, and its TP ranks hold the same values: one of them speaks."""
+    def _global_sums(self, objective, reports: list[dict]) -> torch.Tensor:
+        """The objective's sums of the reports over every rank. Only the last pipeline stage has the losses, and
+        its TP ranks hold the same values: one of them speaks."""
         sums = objective.sums(reports if self.layout.is_last_stage and self.layout.tp_rank == 0 else [])
         sums = sums.to(self.runtime.comm_device)
         dist.all_reduce(sums)
-        return objective.metrics(sums.cpu())
+        return sums.cpu()
 
     def gradient_norm(self) -> float:
         """The global norm of the gradients accumulated so far (what optimizer_step clips), without a step."""

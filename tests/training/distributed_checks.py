@@ -154,6 +154,19 @@ def short_samples_step(trainer) -> dict:
     return {"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences}
 
 
+def validation_check(trainer) -> list[dict]:
+    """The validation loss (overall and per length bucket) of the freshly built model, per weighting, on the run's
+    data plus the short-samples packs and one more pack: 9 packs, which do not split evenly over 2 DP ranks."""
+    from megalign.data.source import InMemoryPacks
+    from megalign.training.objective import SFT
+    from megalign.training.validation import Validator
+
+    vocab = trainer.cfg.model.vocab_size
+    short = short_samples(vocab)
+    datasets = [*trainer.datasets, short, InMemoryPacks([short[0]], vocab_size=vocab, name="one-pack")]
+    return [Validator(trainer, datasets, [64, 256], objective=SFT(mode)).run() for mode in ("sequence", "token")]
+
+
 def main():
     out_path, overrides = sys.argv[1], sys.argv[2:]
     import torch.distributed as dist
@@ -173,6 +186,7 @@ def main():
         result["packed_vs_separate"] = packed_vs_separate(trainer)
         result["parameters"] = {"built": sum(p.numel() for p in trainer.model.module.parameters()),
                                 "counted": parameter_count(trainer.cfg.model, trainer.cfg.model.padded_vocab_size)}
+    result["validation"] = validation_check(trainer)  # before any step: the same weights at every layout
     result["skipalign"] = skipalign_check(trainer)
     result["steps"] = []
     for mode in ("sequence", "token", "pack"):

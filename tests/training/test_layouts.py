@@ -69,6 +69,18 @@ def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     assert len({round(s["loss"], 6) for s in reference}) == 3  # the modes really differ
 
 
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2"])
+def test_validation_loss_does_not_depend_on_layout(results, layout):
+    reference, other = results["1 process"]["validation"], results[layout]["validation"]
+    assert len(reference) == 2  # sequence and token weighting
+    for ref, got in zip(reference, other):
+        assert set(got) == set(ref) and {"loss/<64", "loss/64-256", "loss/>=256"} <= set(ref)
+        assert got["sequences"] == ref["sequences"] and got["tokens"] == ref["tokens"]
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+    assert reference[0]["loss"] != pytest.approx(reference[1]["loss"], rel=1e-4)  # the weightings really differ
+
+
 def test_rng_streams_are_seeded_and_split_as_megatron_means(results):
     for name, r in results.items():
         assert r["rng"]["fork_restores_default_stream"], name

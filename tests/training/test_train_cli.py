@@ -17,13 +17,19 @@ def train(*args):
                            *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_a_short_run_writes_metrics_log_tensorboard_and_checkpoint(dataset, tmp_path):
+def test_a_short_run_writes_metrics_log_tensorboard_and_checkpoint(dataset, other_dataset, tmp_path):
     out = tmp_path / "run"
-    done = train(f"data.path={dataset}", f"run.output_dir={out}", "training.steps=3", "training.global_batch=2")
+    done = train(f"data.path={dataset}", f"run.output_dir={out}", "training.steps=3", "training.global_batch=2",
+                 f"data.valid_path={other_dataset}", "training.eval_interval=2", "training.eval_buckets=[128,512]")
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(METRIC_KEYS <= set(r) for r in records)
+    # validation every 2 steps and after the last, overall and per sample-length bucket
+    assert ["valid_loss" in r for r in records] == [False, True, True]
+    held_out = json.loads(Path(other_dataset + ".json").read_text())
+    assert records[1]["valid_sequences"] == held_out["counts"]["kept"]
+    assert {"valid_loss/<128", "valid_loss/128-512"} <= set(records[1]) and records[1]["valid_loss"] > 0
     assert all(r["tokens"] > 0 and r["sequences"] >= 2 and r["tflops_per_gpu"] > 0 for r in records)
     assert (out / "train.log").read_text().count("step ") >= 3
     assert list((out / "tensorboard").iterdir())
@@ -37,6 +43,8 @@ def test_a_short_run_writes_metrics_log_tensorboard_and_checkpoint(dataset, tmp_
 
 @pytest.mark.parametrize("override,message", [
     ("training.lrr=1", "error: config key training.lrr: Key 'lrr' not in 'TrainingConfig'"),
+    ("training.eval_interval=5", "error: config key training.eval_interval=5 needs data.valid_path"),
+    ("data.valid_path=/nowhere/ds", "error: config key data.valid_path: /nowhere/ds.json not found"),
     ("parallel.tp=2", "error: config keys parallel.tp*pp*cp = 2 must divide the world size 1"),
 ])
 def test_bad_config_is_a_one_line_error(dataset, tmp_path, override, message):
