@@ -1,0 +1,65 @@
+"""The task names of `python -m megalign.eval --tasks`: each makes its items for a tokenizer and a context window,
+and scores a prediction for one of its items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megalign.data.tokenizer import Tokenizer
+from megalign.errors import OptionError
+from megalign.eval import needle, ruler
+from megalign.eval.items import EvalItem
+
+TASK_NAMES = ("needle", "ruler-synthetic")
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    max_length: int  # the model's window (tokens): the longest context asked for
+    seed: int = 0
+    needle_lengths: int = 10  # points of the needle grid (LongAlign: 10 x 10)
+    needle_depths: int = 10
+    haystack_files: tuple[str, ...] = ()  # text for the needle's haystack; none: a built-in synthetic one
+    ruler_lengths: tuple[int, ...] = ()  # none: 4k, 8k, ... up to max_length (or max_length alone when smaller)
+    ruler_samples: int = 20  # items per RULER task and length (RULER: 500)
+
+
+def ruler_lengths(opts: TaskOptions) -> list[int]:
+    if opts.ruler_lengths:
+        return list(opts.ruler_lengths)
+    lengths, n = [], 4096
+    while n <= opts.max_length:
+        lengths.append(n)
+        n *= 2
+    return lengths or [opts.max_length]
+
+
+def make_items(names: list[str], tokenizer: Tokenizer, opts: TaskOptions) -> list[EvalItem]:
+    unknown = [n for n in names if n not in TASK_NAMES]
+    if unknown:
+        raise OptionError("tasks", f"{', '.join(unknown)}: unknown; valid: {', '.join(TASK_NAMES)}")
+    items: list[EvalItem] = []
+    for name in names:
+        if name == "needle":
+            haystack = None
+            if opts.haystack_files:
+                from megalign.eval.haystack import read_text_files
+
+                haystack = read_text_files(list(opts.haystack_files))
+            items += needle.needle_items(
+                tokenizer, needle.default_lengths(opts.max_length, n=opts.needle_lengths,
+                                                  min_length=min(1000, opts.max_length // 2)),
+                needle.default_depths(opts.needle_depths), haystack_text=haystack, seed=opts.seed)
+        elif name == "ruler-synthetic":
+            for task in ruler.TASKS:
+                for length in ruler_lengths(opts):
+                    items += ruler.make_items(task, tokenizer, length, opts.ruler_samples, seed=opts.seed)
+    return items
+
+
+def score(item: EvalItem, prediction: str) -> float:
+    if item.task == "needle":
+        return needle.score_string_match(prediction, item.references)
+    if item.task.startswith("ruler/"):
+        return ruler.score(item.task.split("/", 1)[1], prediction, item.references)
+    raise ValueError(f"no scorer for task {item.task!r}")
