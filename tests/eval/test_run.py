@@ -99,6 +99,9 @@ def test_the_command_line_evaluates_a_needle_grid_with_the_hf_backend(tiny_hf_mo
     # a second run finds everything done: nothing generated again
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["settings"]["generated"] == 0
+    # other settings into the same OUT: refused, the cached items are not theirs
+    other = subprocess.run([*command, "--seed", "5"], capture_output=True, text=True, env=env, timeout=300)
+    assert other.returncode == 2 and "holds an evaluation with other settings" in other.stderr
 
 
 def test_a_model_that_is_neither_hf_nor_megalign_is_one_line(tmp_path):
