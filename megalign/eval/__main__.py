@@ -98,12 +98,30 @@ def run(args) -> dict:
                                              max_model_len=max_length)
     opts = tasks.TaskOptions(max_length=max_length, seed=args.seed, needle_lengths=args.needle_lengths,
                              needle_depths=args.needle_depths, haystack_files=tuple(args.haystack or ()),
-                             ruler_samples=args.ruler_samples)
+                             ruler_samples=args.ruler_samples, longbench_dir=args.longbench_dir,
+                             longbench_data_dir=args.longbench_data_dir,
+                             longbench_tasks=tuple(args.longbench_tasks or ()), longalign_dir=args.longalign_dir)
+    judge = None
+    if "longbench-chat" in names:
+        if not (args.judge_model and args.judge_base_url):
+            raise OptionError("judge_model", "and --judge-base-url are needed for --tasks longbench-chat (any "
+                                             "OpenAI-compatible model; LongAlign used GPT-4)")
+        from megalign.eval.longbench_chat import Judge
+        from megalign.eval.openai_client import OpenAIClient
+
+        judge_client = OpenAIClient(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env)
+        judge_client.check()
+        judge = Judge(judge_client, args.longalign_dir, protocol=args.judge_protocol, seed=args.seed)
     _claim(out, _fingerprint(model_dir, args.model),
-           {"backend": args.backend, "tasks": names, "chat_template": args.chat_template, "options": repr(opts)})
+           {"backend": args.backend, "tasks": names, "chat_template": args.chat_template, "options": repr(opts),
+            "judge": [args.judge_model, args.judge_protocol] if judge else None})
     items = tasks.make_items(names, tokenizer, opts)
-    scored = evaluate(items, generator.generate, tasks.score, out, progress=not args.no_progress)
+    scored = evaluate(items, generator.generate, tasks.scorer(judge), out, progress=not args.no_progress)
     per_task = summarize(scored.records)
+    if any(n.startswith("longbench") for n in names):
+        from megalign.eval import longbench
+
+        per_task["longbench averages"] = longbench.summary(scored.records)
     if "needle" in names:
         from megalign.eval.needle import heatmap
 
@@ -113,7 +131,8 @@ def run(args) -> dict:
                 "seed": args.seed, "generated": scored.generated}
     json_path, md_path = write_results(out, per_task, settings)
     for name, t in per_task.items():
-        print(f"{name}: {t['score']} ({t['scored']} scored, {t['failed']} failed)")
+        if "score" in t:
+            print(f"{name}: {t['score']} ({t['scored']} scored, {t['failed']} failed)")
     print(f"results: {json_path}, {md_path}; items: {out / 'items.jsonl'}"
           + (f"; heatmap: {out / 'needle.png'}" if "needle" in names else ""))
     return per_task
@@ -123,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     p = Parser(prog="python -m megalign.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--backend", choices=("hf", "vllm", "openai"), default="hf")
-    p.add_argument("--tasks", required=True, help="comma-separated: needle, ruler-synthetic")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: needle, ruler-synthetic, longbench, longbench-e, longbench-chat")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--chat-template", help="the template the model was trained with (default: the tokenizer's own)")
@@ -136,6 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--needle-lengths", type=int, default=10)
     p.add_argument("--needle-depths", type=int, default=10)
     p.add_argument("--ruler-samples", type=int, default=20)
+    p.add_argument("--longbench-dir", help="longbench: your LongBench checkout (its config/ and data/)")
+    p.add_argument("--longbench-data-dir", help="longbench: the data JSONL files, if not in the checkout's data/")
+    p.add_argument("--longbench-tasks", nargs="+", help="longbench: a subset of the 21 tasks")
+    p.add_argument("--longalign-dir", help="longbench-chat: your LongAlign checkout (its LongBench_Chat/)")
+    p.add_argument("--judge-model", help="longbench-chat: the judge's model name on --judge-base-url")
+    p.add_argument("--judge-base-url", help="longbench-chat: an OpenAI-compatible server")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="the judge's API key variable")
+    p.add_argument("--judge-protocol", choices=("paper", "released"), default="paper",
+                   help="paper: examples shuffled, two passes averaged; released: LongAlign's script")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

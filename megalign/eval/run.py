@@ -84,8 +84,12 @@ def evaluate(items: Iterable[EvalItem], generate: Callable, score: Callable[[Eva
             record.update(status="failed", reason=str(e).splitlines()[0][:500], prediction=None, score=None,
                           prompt_tokens=None)
         else:
-            record.update(status="ok", reason=None, prediction=generation.text, prompt_tokens=generation.prompt_tokens,
-                          new_tokens=generation.new_tokens, score=score(item, generation.text))
+            record.update(prediction=generation.text, prompt_tokens=generation.prompt_tokens,
+                          new_tokens=generation.new_tokens)
+            try:
+                record.update(status="ok", reason=None, score=score(item, generation.text))
+            except MegalignError as e:  # a judge that gave no score: the item failed, it is not a 0
+                record.update(status="failed", reason=str(e).splitlines()[0][:500], score=None)
         record["seconds"] = round(time.perf_counter() - started, 3)
         log.append(record)
         done[(item.task, item.id)] = record
@@ -94,8 +98,13 @@ def evaluate(items: Iterable[EvalItem], generate: Callable, score: Callable[[Eva
     return result
 
 
+# tasks whose item scores are not fractions: reported as their mean (LongBench-Chat: a judge's 1-10)
+RAW_MEAN_TASKS = ("longbench-chat",)
+
+
 def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per task: score = 100 x the mean over the items that were scored; failed items are counted, not scored."""
+    """Per task: score = 100 x the mean over the items that were scored (LongBench-Chat: the mean on 1-10);
+    failed items are counted, not scored."""
     tasks: dict[str, dict] = {}
     for r in records:
         t = tasks.setdefault(r["task"], {"items": 0, "failed": 0, "scores": []})
@@ -104,7 +113,8 @@ def summarize(records: list[dict]) -> dict[str, dict]:
             t["scores"].append(r["score"])
         else:
             t["failed"] += 1
-    return {name: {"score": round(100 * sum(t["scores"]) / len(t["scores"]), 2) if t["scores"] else None,
+    scale = {name: 1 if name in RAW_MEAN_TASKS else 100 for name in tasks}
+    return {name: {"score": round(scale[name] * sum(t["scores"]) / len(t["scores"]), 2) if t["scores"] else None,
                    "items": t["items"], "scored": len(t["scores"]), "failed": t["failed"]}
             for name, t in tasks.items()}
 
@@ -120,6 +130,6 @@ def write_results(out: Path, per_task: dict, settings: dict) -> tuple[Path, Path
     write_atomically(json_path, json.dumps(results, indent=1) + "\n")
     lines = ["| task | score | items | failed |", "|---|---|---|---|"]
     lines += [f"| {name} | {'-' if t['score'] is None else t['score']} | {t['items']} | {t['failed']} |"
-              for name, t in per_task.items()]
+              for name, t in per_task.items() if "items" in t]  # (averages over tasks are in results.json)
     write_atomically(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

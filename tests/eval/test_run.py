@@ -111,3 +111,20 @@ def test_a_model_that_is_neither_hf_nor_megalign_is_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "is neither a Hugging Face model (no config.json) nor a megalign checkpoint" in done.stderr
+
+
+def test_the_command_line_runs_longbench_from_the_users_checkout(tiny_hf_model, tmp_path):
+    from tests.eval.test_longbench import _checkout
+
+    checkout = _checkout(tmp_path / "LongBench")
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "megalign.eval", "--model", str(tiny_hf_model), "--tasks",
+                           "longbench", "--longbench-dir", str(checkout), "--longbench-tasks", "hotpotqa", "trec",
+                           "--max-length", "1000", "--out", str(out), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert sorted({r["task"] for r in records}) == ["longbench/hotpotqa", "longbench/trec"] and len(records) == 6
+    assert all(r["status"] == "ok" and 0 <= r["score"] <= 1 for r in records)
+    results = json.loads((out / "results.json").read_text())["tasks"]
+    assert results["longbench/hotpotqa"]["items"] == 3 and "longbench averages" in results
