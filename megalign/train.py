@@ -38,15 +38,15 @@ def run(config_path: str | None, overrides: list[str]) -> RunStatus:
     """Train as the config says; returns how the run ended. A MegalignError before the trainer exists (bad config)
     leaves nothing behind; after it, run_status.json records it, and every rank that raises leaves its error in
     run.output_dir/errors/ (for the launcher to name the first one)."""
-    from megalign import megatron_compat
-
-    megatron_compat.quiet_known_warnings()
     from megalign.checkpoint.preemption import PreemptionWatch
-    from megalign.parallel.setup import world_size_from_env
+    from megalign.parallel.launcher import world_size_from_env
 
     with PreemptionWatch() as watch:  # from the start: a time-limit signal during start-up stops after step one
         cfg = load_config(config_path, overrides)
-        validate(cfg, world_size_from_env())  # before any process group starts
+        validate(cfg, world_size_from_env())  # before any process group starts, and before the slow imports
+        from megalign import megatron_compat
+
+        megatron_compat.quiet_known_warnings()
         return _train(cfg, watch)
 
 

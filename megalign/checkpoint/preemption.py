@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionWatch:
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device="cpu"):  # a torch.device or its name (torch is imported only when ranks agree)
         self.device = device
         self.received: int | None = None
         self._previous = {}
@@ -39,6 +36,9 @@ class PreemptionWatch:
 
     def agreed(self) -> bool:
         """True on every rank when any rank has been signalled (a collective: call it on all ranks)."""
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -89,9 +89,10 @@ def first_failure(rank_errors: list[dict], task_ends: list[TaskEnd]) -> Optional
     """The first real failure of an attempt, in one line.
 
     A rank's own error comes first, unless it is one that peers raise after a failure elsewhere (a lost
-    connection, a collective timeout). Then the silent ranks (srun reports them, but they left no error) are the
-    cause: killed from outside (SIGKILL: out of memory, a lost node) when their peers lost the connection, hung
-    when their peers timed out waiting for them. srun's report order is not relied on: two nodes report apart."""
+    connection, a collective timeout). Then, when a collective timed out, the rank that was waited for hung: the
+    one that left no error (srun ended it), or the one that failed only after the others had timed out. Without
+    a timeout, a rank that left no error and that srun reports killed was killed from outside (SIGKILL: out of
+    memory, a lost node). srun's report order is not relied on: two nodes report apart."""
     own = [e for e in rank_errors if not _DOWNSTREAM.search(f"{e['type']} {e['message']}")]
     if own:
         return _describe_error(own[0])
@@ -102,9 +103,13 @@ def first_failure(rank_errors: list[dict], task_ends: list[TaskEnd]) -> Optional
         first = timed_out[0]
         if silent:  # never answered: srun had to end it
             rank, node, how = silent[0].rank, silent[0].node, f"then srun ended it ({silent[0].what})"
-        elif len(timed_out) > 1 and timed_out[-1]["time"] - first["time"] > 1.0:  # woke up only to time out itself
-            late = timed_out[-1]
-            rank, node, how = late["rank"], late["host"], f"it timed out {late['time'] - first['time']:.0f} s later"
+        elif late := [e for e in rank_errors if e["time"] >= first["time"] and e is not first and
+                      (not _TIMEOUT.search(e["message"]) or e["time"] - first["time"] > 1.0)]:
+            # it answered nothing while its peers waited (stopped until srun's SIGCONT woke it, or stuck), and
+            # failed only afterwards: its own late timeout, or the peers that had gone
+            late = late[0]
+            rank, node = late["rank"], late["host"]
+            how = f"it failed only {late['time'] - first['time']:.0f} s later ({late['type']})"
         else:
             return (f"{_describe_error(first)} (a collective timed out: a peer hung or died; with NCCL, the flight "
                     "recorder's traces say which)")

@@ -3,7 +3,7 @@
 import pytest
 
 from megalign.launch.attempts import Attempt, TaskEnd, decide, first_failure, srun_task_ends
-from megalign.parallel.setup import adopt_launcher_env
+from megalign.parallel.launcher import adopt_launcher_env
 
 
 def attempt(status: str, restart: int = 0, progressed: bool = False, checkpoint_step=None) -> Attempt:
@@ -80,6 +80,12 @@ def test_the_first_real_failure_is_named_not_the_peers_that_followed():
         "rank 1 on n2 hung: rank 0's collective timed out waiting (parallel.timeout_minutes), then srun ended it")
     woken = error(1, 33.0, "RuntimeError", "Timed out waiting 12000ms for recv operation to complete")
     assert first_failure([waiting, woken], []).startswith("rank 1 on n2 hung: rank 0's collective timed out")
+    woken_to_a_closed_peer = error(1, 22.5, "RuntimeError", "[pair.cc:553] Connection closed by peer")
+    assert first_failure([waiting, woken_to_a_closed_peer], []) == (
+        "rank 1 on n2 hung: rank 0's collective timed out waiting (parallel.timeout_minutes), it failed only 2 s "
+        "later (RuntimeError)")
+    peers = [error(r, 20.0 + r / 10, "RuntimeError", "Timed out waiting 12000ms") for r in range(4)]
+    assert first_failure(peers, []).startswith("rank 0 on n1: RuntimeError: Timed out")  # no one stands out
     assert first_failure([], srun_task_ends("srun: error: n1: task 0: Exited with exit code 1\n")) == \
         "rank 0 on n1: Exited with exit code 1"
     assert first_failure([], []) is None

@@ -172,7 +172,8 @@ def main():
     import torch.distributed as dist
 
     from megalign.config import load_config, validate
-    from megalign.parallel.setup import shutdown, world_size_from_env
+    from megalign.parallel.launcher import world_size_from_env
+    from megalign.parallel.setup import shutdown
     from megalign.training.objective import SFT
     from megalign.training.trainer import Trainer
 
