@@ -91,11 +91,6 @@ def run(args) -> dict:
         renderer = PromptRenderer(tokenizer, template)
         config = json.loads((model_dir / "config.json").read_text())
         max_length = args.max_length or config.get("max_position_embeddings")
-        if args.backend == "hf":
-            generator = backends.HFBackend(model_dir, renderer, device=args.device)
-        else:
-            generator = backends.VLLMBackend(model_dir, renderer, tensor_parallel=args.tensor_parallel,
-                                             max_model_len=max_length)
     opts = tasks.TaskOptions(max_length=max_length, seed=args.seed, needle_lengths=args.needle_lengths,
                              needle_depths=args.needle_depths, haystack_files=tuple(args.haystack or ()),
                              ruler_samples=args.ruler_samples, longbench_dir=args.longbench_dir,
@@ -115,7 +110,12 @@ def run(args) -> dict:
     _claim(out, _fingerprint(model_dir, args.model),
            {"backend": args.backend, "tasks": names, "chat_template": args.chat_template, "options": repr(opts),
             "judge": [args.judge_model, args.judge_protocol] if judge else None})
-    items = tasks.make_items(names, tokenizer, opts)
+    items = tasks.make_items(names, tokenizer, opts)  # bad task inputs fail here, before a model is loaded
+    if args.backend == "hf":
+        generator = backends.HFBackend(model_dir, renderer, device=args.device)
+    elif args.backend == "vllm":
+        generator = backends.VLLMBackend(model_dir, renderer, tensor_parallel=args.tensor_parallel,
+                                         max_model_len=max_length)
     scored = evaluate(items, generator.generate, tasks.scorer(judge), out, progress=not args.no_progress)
     per_task = summarize(scored.records)
     if any(n.startswith("longbench") for n in names):
