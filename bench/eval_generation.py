@@ -65,6 +65,7 @@ def main() -> None:
         renderer = PromptRenderer(tokenizer, "chatml")
         renderer.stop_ids = []  # timing: never stop early
         backend = HFBackend(model_dir, renderer, device=args.device)
+        backend.model.generation_config.eos_token_id = None
         filler = " ".join(["the grass is green and the sky is blue"] * (max(args.lengths) // 4))
         ids = tokenizer.encode_batch([filler])[0]
         prompts = {n: tokenizer.decode(ids[:n - 16]) for n in args.lengths}

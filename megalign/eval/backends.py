@@ -45,7 +45,7 @@ class HFBackend:
         ids = self.renderer.prompt_ids(item)
         with torch.no_grad():
             out = self.model.generate(torch.tensor([ids], device=self.device), max_new_tokens=item.max_new_tokens,
-                                      do_sample=False, eos_token_id=self.renderer.stop_ids,
+                                      do_sample=False, eos_token_id=self.renderer.stop_ids or None,
                                       pad_token_id=self.renderer.stop_ids[0] if self.renderer.stop_ids else None)
         new = out[0, len(ids):].tolist()
         while new and new[-1] in self.renderer.stop_ids:  # the stop token is not part of the answer
