@@ -345,9 +345,9 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if with_data:
         _validate_data(cfg)
         _validate_checkpoint(cfg.checkpoint)
-        _validate_writable("run.output_dir", cfg.run.output_dir)
+        validate_writable("run.output_dir", cfg.run.output_dir)
         if cfg.checkpoint.dir is not None:
-            _validate_writable("checkpoint.dir", cfg.checkpoint.dir)
+            validate_writable("checkpoint.dir", cfg.checkpoint.dir)
 
 
 def _validate_evaluation(cfg: Config) -> None:
@@ -389,7 +389,7 @@ def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
                             "(the share of samples that get skips)")
 
 
-def _validate_writable(key: str, path: str) -> None:
+def validate_writable(key: str, path: str) -> None:
     """The run can create `path` and write in it: a probe file in its nearest existing directory, removed at once
     (permission bits alone do not tell: root ignores them, a read-only mount does not)."""
     import tempfile

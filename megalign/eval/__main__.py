@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from megalign.cli import Parser
-from megalign.errors import MegalignError, OptionError
+from megalign.errors import OptionError
 
 
 def _hf_dir(model: str, out: Path, tokenizer: str | None) -> Path:
@@ -172,7 +172,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except MegalignError as e:  # raised outside Parser.call (none expected); one line all the same
-        raise SystemExit(f"error: {e}")
+    main()

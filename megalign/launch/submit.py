@@ -83,21 +83,19 @@ def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def train_job(profile: ClusterProfile, args, after_preprocess: "PreprocessPlan | None" = None) -> Job:
-    """Validate the training run for nodes x ranks-per-node and write its script (in memory)."""
-    from megalign.config import load_config, validate
+def train_job(profile: ClusterProfile, args, cfg, after_preprocess: "PreprocessPlan | None" = None) -> Job:
+    """Validate the training run (`cfg`: the config with the profile's and the user's overrides) for nodes x
+    ranks-per-node and write its script (in memory)."""
+    from megalign.config import validate, validate_writable
 
     ranks_per_node = _ranks_per_node(profile, args)
     world = args.nodes * ranks_per_node
-    cfg = load_config(args.config, [*profile.overrides, *args.overrides])
     if after_preprocess is None:
         validate(cfg, world)
     else:  # the data does not exist yet: everything else now, and the data against what will be written
         validate(cfg, world, with_data=False)
         _check_prefix_matches(cfg, after_preprocess)
-        from megalign.config import _validate_writable
-
-        _validate_writable("run.output_dir", cfg.run.output_dir)
+        validate_writable("run.output_dir", cfg.run.output_dir)
     run_dir = Path(cfg.run.output_dir).resolve()
     cpus = max(1, profile.cpus_per_node // ranks_per_node)
     sbatch = {"job-name": args.job_name or f"megalign-{run_dir.name}", "nodes": str(args.nodes),
@@ -227,19 +225,19 @@ def submit(jobs: list[Job], dry_run: bool, after: str | None = None) -> list[str
 
 
 def run_train(args) -> list[str]:
+    from megalign.config import load_config
+
     profile = load_profile(args.cluster)
+    cfg = load_config(args.config, [*profile.overrides, *args.overrides])
     jobs = []
     if args.preprocess is not None:
-        from megalign.config import load_config
-
-        cfg = load_config(args.config, [*profile.overrides, *args.overrides])
         prefix = cfg.data.path if isinstance(cfg.data.path, str) else None
         plan = plan_preprocess(shlex.split(args.preprocess), default_prefix=prefix)
-        train = train_job(profile, args, after_preprocess=plan)
+        train = train_job(profile, args, cfg, after_preprocess=plan)
         jobs.append(preprocess_job(profile, args, plan, train.path.parent.parent / "logs"))
         jobs.append(train)
     else:
-        jobs.append(train_job(profile, args))
+        jobs.append(train_job(profile, args, cfg))
     return submit(jobs, args.dry_run, after=args.after)
 
 
