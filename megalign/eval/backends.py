@@ -42,13 +42,14 @@ class HFBackend:
     def generate(self, item: EvalItem) -> Generation:
         import torch
 
-        ids = self.renderer.prompt_ids(item)
+        ids, stop_ids = self.renderer.prompt_ids(item), self.renderer.stop_ids_for(item)
         with torch.no_grad():
             out = self.model.generate(torch.tensor([ids], device=self.device), max_new_tokens=item.max_new_tokens,
-                                      do_sample=False, eos_token_id=self.renderer.stop_ids or None,
-                                      pad_token_id=self.renderer.stop_ids[0] if self.renderer.stop_ids else None)
+                                      min_new_tokens=1 if item.stop_strings else None,
+                                      do_sample=False, eos_token_id=stop_ids or None,
+                                      pad_token_id=stop_ids[0] if stop_ids else None)
         new = out[0, len(ids):].tolist()
-        while new and new[-1] in self.renderer.stop_ids:  # the stop token is not part of the answer
+        if new and new[-1] in stop_ids:  # the stop token is not part of the answer
             new.pop()
         return Generation(self.renderer.tokenizer.decode(new), len(ids), len(new))
 
@@ -61,9 +62,11 @@ class OpenAIBackend:
 
     def generate(self, item: EvalItem) -> Generation:
         if item.chat:
-            reply = self.client.chat([{"role": "user", "content": item.prompt}], max_tokens=item.max_new_tokens)
+            reply = self.client.chat([{"role": "user", "content": item.prompt}], max_tokens=item.max_new_tokens,
+                                     stop=list(item.stop_strings) or None)
         else:
-            reply = self.client.complete(item.prompt, max_tokens=item.max_new_tokens)
+            reply = self.client.complete(item.prompt, max_tokens=item.max_new_tokens,
+                                         stop=list(item.stop_strings) or None)
         return Generation(reply.text, reply.prompt_tokens, reply.completion_tokens)
 
 
@@ -84,6 +87,7 @@ class VLLMBackend:
 
     def generate(self, item: EvalItem) -> Generation:
         ids = self.renderer.prompt_ids(item)
-        params = self._params(temperature=0.0, max_tokens=item.max_new_tokens, stop_token_ids=self.renderer.stop_ids)
+        params = self._params(temperature=0.0, max_tokens=item.max_new_tokens,
+                              stop_token_ids=self.renderer.stop_ids_for(item), min_tokens=1 if item.stop_strings else 0)
         out = self.engine.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
         return Generation(out.text, len(ids), len(out.token_ids))

@@ -18,4 +18,6 @@ class EvalItem:
     references: list[str]  # what a correct answer contains / equals (task-specific)
     max_new_tokens: int
     chat: bool = True  # False: no chat template (LongBench's few-shot and code tasks)
+    stop_strings: tuple[str, ...] = ()  # texts that also end the answer (LongBench's samsum: a newline), after
+    #                                     at least one new token
     meta: dict = field(default_factory=dict)  # recorded in items.jsonl: e.g. requested/actual length and depth

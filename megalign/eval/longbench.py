@@ -11,11 +11,12 @@ and only then wrapped in the chat template, except for the six tasks pred.py sen
 code: the model continues the text). Generation is greedy for `dataset2maxlen` tokens; scores are
 longbench_metrics' (the official metrics, quirks included).
 
-Not reproduced yet:
-- samsum's extra stop: pred.py also stops at the "\\n" token, and (min_length) never at the first new token.
-  The items carry meta["stop_strings"] = ["\\n"] for it, but the backends do not read it yet. The scorer keeps
-  only the first line anyway, so mostly the time spent past it differs; where a model would begin with a
-  newline, pred.py makes it write something else first, and we score the line after the newline.
+samsum's extra stop: as pred.py, generation also ends at the "\\n" token (the last id of encoding "\\n", as
+pred.py takes it), and the first new token is never a stop token (pred.py's min_length: the model writes its
+next choice instead); a merged "\\n\\n" token does not stop it. The
+openai backend sends stop=["\\n"] instead (the server matches text, so a merged "\\n\\n" does stop it there).
+
+Not reproduced:
 - pred.py's per-model prompt wrappers (e.g. "[INST]...[/INST]") and post-processing: megalign renders the
   model's own chat template instead.
 - Truncation counts only a BOS among the special tokens the tokenizer would add (not an EOS or ChatGLM's prefix).
@@ -226,10 +227,9 @@ def longbench_items(longbench_dir: str | Path, tokenizer: Tokenizer, max_length:
                     "all_classes": record.get("all_classes"), "input_tokens": cut.tokens, "truncated": cut.truncated}
             if e:
                 meta["bucket"] = longbench_metrics.length_bucket(record["length"])
-            if task == "samsum":
-                meta["stop_strings"] = ["\n"]  # pred.py's extra stop token (see the module docstring)
             items.append(EvalItem(task=prefix + task, id=item_id, prompt=cut.text, references=list(record["answers"]),
-                                  max_new_tokens=max_new[task], chat=task not in PLAIN_TASKS, meta=meta))
+                                  max_new_tokens=max_new[task], chat=task not in PLAIN_TASKS, meta=meta,
+                                  stop_strings=("\n",) if task == "samsum" else ()))
     return items
 
 

@@ -28,6 +28,12 @@ class PromptRenderer:
             ends.append(tokenizer.special_id(tokenizer.eos_token))
         self.stop_ids = list(dict.fromkeys(ends))
 
+    def stop_ids_for(self, item: EvalItem) -> list[int]:
+        """The end-of-turn ids, and for each of the item's stop strings the last id of its encoding (as LongBench's
+        pred.py takes the "\\n" token)."""
+        extra = [self.tokenizer.encode_batch([s])[0][-1] for s in item.stop_strings]
+        return list(dict.fromkeys(self.stop_ids + extra))
+
     def prompt_ids(self, item: EvalItem) -> list[int]:
         if not item.chat:
             bos = [self.tokenizer.special_id(self.tokenizer.bos_token)] if self.tokenizer.bos_token else []

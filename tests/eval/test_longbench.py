@@ -144,10 +144,10 @@ def test_items_of_a_few_tasks(tmp_path, tokenizer):
     assert hotpot.prompt == PROMPTS["hotpotqa"].format(**_record("hotpotqa", 1))  # fits: untouched
     assert hotpot.references == ["answer1", "Beta"] and hotpot.max_new_tokens == 32 and hotpot.chat
     assert hotpot.meta["language"] == "en" and hotpot.meta["length"] == 900 and not hotpot.meta["truncated"]
-    assert "bucket" not in hotpot.meta and "stop_strings" not in hotpot.meta
+    assert "bucket" not in hotpot.meta and hotpot.stop_strings == ()
     assert not by_id["trec-0"].chat and by_id["trec-0"].max_new_tokens == 64
     assert by_id["trec-0"].meta["all_classes"] == CLASSES
-    assert not by_id["samsum-2"].chat and by_id["samsum-2"].meta["stop_strings"] == ["\n"]
+    assert not by_id["samsum-2"].chat and by_id["samsum-2"].stop_strings == ("\n",)
     assert not by_id["lcc-0"].chat and by_id["lcc-0"].prompt.startswith("Carry on with the code.")
     # the same inputs give the same items
     assert longbench_items(root, tokenizer, 10_000, tasks=["hotpotqa", "trec", "samsum", "lcc"]) == items
