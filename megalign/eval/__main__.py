@@ -71,7 +71,9 @@ def run(args) -> dict:
                              needle_depths=args.needle_depths, haystack_files=tuple(args.haystack or ()),
                              ruler_samples=args.ruler_samples, longbench_dir=args.longbench_dir,
                              longbench_data_dir=args.longbench_data_dir,
-                             longbench_tasks=tuple(args.longbench_tasks or ()), longalign_dir=args.longalign_dir)
+                             longbench_tasks=tuple(args.longbench_tasks or ()), longbench_budget=args.longbench_budget,
+                             longbench_v2_dir=args.longbench_v2_dir, longbench_v2_data=args.longbench_v2_data,
+                             longalign_dir=args.longalign_dir)
     judge = None
     if "longbench-chat" in names:
         if not (args.judge_model and args.judge_base_url):
@@ -95,10 +97,14 @@ def run(args) -> dict:
                                          max_model_len=max_length)
     scored = evaluate(items, generator.generate, tasks.scorer(judge), out, progress=not args.no_progress)
     per_task = summarize(scored.records)
-    if any(n.startswith("longbench") for n in names):
+    if any(n in ("longbench", "longbench-e") for n in names):
         from megalign.eval import longbench
 
         per_task["longbench averages"] = longbench.summary(scored.records)
+    if any(n.startswith("longbench-v2") for n in names):
+        from megalign.eval import longbench_v2
+
+        per_task["longbench-v2 table"] = longbench_v2.summary(scored.records)
     if "needle" in names:
         from megalign.eval.needle import heatmap
 
@@ -137,7 +143,7 @@ def run_all_checkpoints(args) -> dict:
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> Parser:
     p = Parser(prog="python -m megalign.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--compare", nargs="+", metavar="OUT",
                    help="print finished evaluations side by side (and write --out FILE.md if given); no --model")
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model")
     p.add_argument("--backend", choices=("hf", "vllm", "openai"), default="hf")
     p.add_argument("--tasks", help="comma-separated: needle, ruler-synthetic, longbench, longbench-e, longbench-v2, "
-                                    "longbench-chat")
+                                    "longbench-v2-no-context, longbench-chat")
     p.add_argument("--out")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--chat-template", help="the template the model was trained with (default: the tokenizer's own)")
@@ -162,6 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--longbench-dir", help="longbench: your LongBench checkout (its config/ and data/)")
     p.add_argument("--longbench-data-dir", help="longbench: the data JSONL files, if not in the checkout's data/")
     p.add_argument("--longbench-tasks", nargs="+", help="longbench: a subset of the 21 tasks")
+    p.add_argument("--longbench-budget", type=int,
+                   help="longbench, longbench-v2: prompt tokens kept by the middle truncation (default: --max-length "
+                        "- 500; the official v2 runs of 128k models keep 120000)")
+    p.add_argument("--longbench-v2-dir", help="longbench-v2: your LongBench checkout's root (its prompts/)")
+    p.add_argument("--longbench-v2-data", help="longbench-v2: its data.json, if not in --longbench-v2-dir")
     p.add_argument("--longalign-dir", help="longbench-chat: your LongAlign checkout (its LongBench_Chat/)")
     p.add_argument("--judge-model", help="longbench-chat: the judge's model name on --judge-base-url")
     p.add_argument("--judge-base-url", help="longbench-chat: an OpenAI-compatible server")
@@ -170,13 +181,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="paper: examples shuffled, two passes averaged; released: LongAlign's script")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def check_required(p: Parser, args) -> None:
+    for option in ("model", "tasks", "out"):
+        if getattr(args, option) is None:
+            p.error(f"--{option} is required (or --compare OUT ...)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     if args.compare:
         p.call(_print_comparison, args)
         return
-    for option in ("model", "tasks", "out"):
-        if getattr(args, option) is None:
-            p.error(f"--{option} is required (or --compare OUT ...)")
+    check_required(p, args)
     p.call(run_all_checkpoints if args.all_checkpoints else run, args)
 
 

@@ -25,6 +25,10 @@ def read_results(out: str | Path) -> dict:
         raise MegalignError(f"{path}: not JSON ({e})") from None
 
 
+# what a benchmark's averages hold beside scores: per-task scores (rows already) and counts
+COUNTS = ("tasks", "buckets", "failed", "items", "empty", "no_answer")
+
+
 def flat_scores(results: dict) -> dict[str, float | None]:
     """Every score of one run, by row name, in the run's order."""
     rows: dict[str, float | None] = {}
@@ -42,7 +46,7 @@ def flat_scores(results: dict) -> dict[str, float | None]:
         else:  # a benchmark's averages: nested {benchmark: {overall, categories: {...}, ...}}
             for benchmark, averages in entry.items():
                 if isinstance(averages, dict):
-                    walk(benchmark, {k: v for k, v in averages.items() if k not in ("tasks", "buckets", "failed")})
+                    walk(benchmark, {k: v for k, v in averages.items() if k not in COUNTS})
     return rows
 
 

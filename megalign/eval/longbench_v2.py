@@ -12,7 +12,8 @@ pred.py's order ($DOC$, $Q$, $C_A$, ..., so a "$Q$" inside a document is filled 
 is then middle-truncated to the budget (`middle_truncate_v2`: pred.py's rule, which differs from v1's, see there;
 the official budget is 120,000 tokens for 128k models, config/model2maxlen.json) and sent as the user turn of
 the model's chat template, for up to 128 new tokens. The answer is the letter of "The correct answer is (X)" or
-else "The correct answer is X" (`extract_answer`), and an item scores 1 when it is the record's answer.
+else "The correct answer is X" (`extract_answer`), and an item scores 1 when it is the record's answer. `summary`
+is result.py's table (Overall, Easy, Hard, Short, Medium, Long), an empty reply left out as pred.py writes none.
 
 Not reproduced:
 - Chain of thought (pred.py --cot) is two generations per question: a first reply of up to 1,024 tokens to

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from megalign.data.tokenizer import Tokenizer
 from megalign.errors import OptionError
 from megalign.errors import MegalignError
-from megalign.eval import longbench, needle, ruler
+from megalign.eval import longbench, longbench_v2, needle, ruler
 from megalign.eval.items import EvalItem
 
-TASK_NAMES = ("needle", "ruler-synthetic", "longbench", "longbench-e", "longbench-chat")
+TASK_NAMES = ("needle", "ruler-synthetic", "longbench", "longbench-e", "longbench-v2", "longbench-v2-no-context",
+              "longbench-chat")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class TaskOptions:
     longbench_tasks: tuple[str, ...] = ()  # a subset of the 21 (none: all)
     longbench_budget: int | None = None  # prompt tokens before middle truncation (none: max_length - 500, as the
     #                                      official model2maxlen.json leaves room for the answer: 31500 at 32k)
+    longbench_v2_dir: str | None = None  # the user's LongBench checkout's root (prompts/0shot.txt)
+    longbench_v2_data: str | None = None  # LongBench v2's data.json, if not in that checkout
     longalign_dir: str | None = None  # the user's LongAlign checkout (LongBench_Chat/)
 
 
@@ -68,6 +71,14 @@ def make_items(names: list[str], tokenizer: Tokenizer, opts: TaskOptions) -> lis
                                                opts.longbench_budget or opts.max_length - 500,
                                                tasks=list(opts.longbench_tasks) or None, e=name == "longbench-e",
                                                data_dir=opts.longbench_data_dir)
+        elif name in longbench_v2.TASKS:
+            if not opts.longbench_v2_dir:
+                raise OptionError("longbench_v2_dir", f"is needed for --tasks {name}: your LongBench checkout (its "
+                                                      "root, with prompts/0shot.txt)")
+            items += longbench_v2.longbench_v2_items(opts.longbench_v2_dir, tokenizer,
+                                                     opts.longbench_budget or opts.max_length - 500,
+                                                     data_file=opts.longbench_v2_data,
+                                                     no_context=name == longbench_v2.NO_CONTEXT_TASK)
         elif name == "longbench-chat":
             if not opts.longalign_dir:
                 raise OptionError("longalign_dir", "is needed for --tasks longbench-chat: your LongAlign checkout")
@@ -87,6 +98,8 @@ def scorer(judge=None):
             return ruler.score(item.task.split("/", 1)[1], prediction, item.references)
         if item.task.startswith(("longbench/", "longbench-e/")):
             return longbench.score(item, prediction)
+        if item.task in longbench_v2.TASKS:
+            return longbench_v2.score(item, prediction)
         if item.task == "longbench-chat":
             if judge is None:
                 raise MegalignError("longbench-chat needs a judge: --judge-model and --judge-base-url")

@@ -4,11 +4,15 @@ directory, and submit it (or, with --dry-run, print it).
   megalign-submit train --cluster a800-ib --nodes 2 --config FILE.yaml [key=value ...]
   megalign-submit train ... --preprocess "--input long.jsonl --tokenizer tok/ --chat-template llama2 --seq-length 65536"
   megalign-submit preprocess --cluster a800-ib -- --input ... --output-prefix data/x
+  megalign-submit eval --cluster a800-ib [--gpus N] -- --model RUN/checkpoints --tasks needle --out RUN/eval
+  megalign-submit train ... --eval "--tasks needle,longbench --longbench-dir LongBench/LongBench --all-checkpoints"
 
 The script is launch/slurm/{train,preprocess}.sbatch's body behind a header of #SBATCH lines and exports from
 the cluster profile (megalign/launch/profiles.py); `sbatch` of the written file resubmits the same job.
 With --preprocess, the preprocessing job is queued first and training waits for it (--dependency=afterok); its
---output-prefix is the config's data.path. The job ids are printed, one line each, last.
+--output-prefix is the config's data.path. With --eval, an evaluation job is queued after training (afterok),
+its --model the run's checkpoint directory and its --out RUN_DIR/eval unless given. The job ids are printed, one
+line each, last.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ BODY_MARK = "# ---- body"
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # train | preprocess
+    kind: str  # train | preprocess | eval
     script: str  # the sbatch script's text
     path: Path  # where it is written
     sbatch_args: list[str]  # options for sbatch itself (the dependency on another job)
@@ -192,6 +196,64 @@ def preprocess_job(profile: ClusterProfile, args, plan: PreprocessPlan, log_dir:
     return Job("preprocess", "\n".join(lines) + "\n" + script_body("preprocess"), path, [])
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    argv: list[str]
+    out: Path
+    gpus: int  # GPUs the evaluation uses: vLLM's --tensor-parallel, else 1
+
+
+def plan_eval(argv: list[str], checkpoints: Path | None = None, default_out: Path | None = None) -> EvalPlan:
+    """Parse and check megalign.eval's arguments now, not in the queue. With `checkpoints` (queued after training)
+    --model defaults to the run's checkpoint directory, which need not exist yet."""
+    from megalign.eval.__main__ import check_required, parser
+    from megalign.eval.tasks import TASK_NAMES
+
+    argv = list(argv)
+    if checkpoints is not None and "--model" not in argv:
+        argv += ["--model", str(checkpoints)]
+    if default_out is not None and "--out" not in argv:
+        argv += ["--out", str(default_out)]
+    p = parser()
+    args = p.parse_args(argv)
+    if args.compare:
+        raise MegalignError("--eval/eval: --compare needs no job; run python -m megalign.eval --compare here")
+    check_required(p, args)
+    unknown = [t for t in args.tasks.split(",") if t.strip() and t.strip() not in TASK_NAMES]
+    if unknown:
+        raise MegalignError(f"eval: --tasks {','.join(unknown)}: unknown; valid: {', '.join(TASK_NAMES)}")
+    if checkpoints is None and args.backend != "openai" and not Path(args.model).exists():
+        raise MegalignError(f"eval: --model {args.model}: no such directory")
+    for option in ("longbench_dir", "longbench_v2_dir", "longbench_v2_data", "longalign_dir", "tokenizer"):
+        value = getattr(args, option)
+        if value and not Path(value).exists():
+            raise MegalignError(f"eval: --{option.replace('_', '-')} {value}: no such file or directory")
+    return EvalPlan(argv, Path(args.out).resolve(), args.tensor_parallel if args.backend == "vllm" else 1)
+
+
+def eval_job(profile: ClusterProfile, args, plan: EvalPlan, cpus: int | None) -> Job:
+    sbatch = {"job-name": f"megalign-eval-{plan.out.parent.name}-{plan.out.name}", "nodes": "1", "ntasks": "1"}
+    if profile.gpus_per_node:
+        gpus = args.gpus or plan.gpus
+        if gpus > profile.gpus_per_node:
+            raise OptionError("gpus", f"{gpus} is more than the {profile.gpus_per_node} GPUs a node of "
+                                      f"{profile.name} has")
+        sbatch["gpus-per-node"] = str(gpus)
+        sbatch["cpus-per-task"] = str(cpus or max(1, profile.cpus_per_node * gpus // profile.gpus_per_node))
+    else:
+        sbatch["cpus-per-task"] = str(cpus or profile.cpus_per_node)
+    sbatch.update({"time": getattr(args, "eval_time", None) or args.time or profile.time,
+                   **_common_sbatch(profile, args),
+                   "signal": f"B:USR1@{profile.signal_lead_s}", "requeue": None, "open-mode": "append",
+                   "output": str(plan.out / "logs" / "eval-%j.out"), "chdir": str(Path.cwd())})
+    exports = {**_job_exports(profile), "MEGALIGN_MAX_RESTARTS": str(profile.max_restarts), **profile.env}
+    lines = _header(profile, sbatch, [], exports,
+                    f"written by megalign-submit for cluster {profile.name}; `sbatch` this file to rerun")
+    lines.append("set -- " + " ".join(shlex.quote(a) for a in plan.argv))
+    return Job("eval", "\n".join(lines) + "\n" + script_body("eval"), plan.out / "slurm" / f"eval-{_stamp()}.sbatch",
+               [])
+
+
 def submit(jobs: list[Job], dry_run: bool, after: str | None = None) -> list[str]:
     """Write and sbatch each job in order, each after the one before it (afterok); their ids."""
     ids = []
@@ -238,7 +300,22 @@ def run_train(args) -> list[str]:
         jobs.append(train)
     else:
         jobs.append(train_job(profile, args, cfg))
+    if args.eval is not None:
+        from megalign.config import checkpoint_dir
+
+        run_dir = Path(cfg.run.output_dir).resolve()
+        plan = plan_eval(shlex.split(args.eval), checkpoints=Path(checkpoint_dir(cfg)).resolve(),
+                         default_out=run_dir / "eval")
+        jobs.append(eval_job(profile, args, plan, cpus=None))
     return submit(jobs, args.dry_run, after=args.after)
+
+
+def run_eval(args) -> list[str]:
+    profile = load_profile(args.cluster)
+    if args.eval_args and args.eval_args[0] == "--":
+        args.eval_args = args.eval_args[1:]
+    return submit([eval_job(profile, args, plan_eval(args.eval_args), cpus=args.cpus)], args.dry_run,
+                  after=args.after)
 
 
 def run_preprocess(args) -> list[str]:
@@ -292,13 +369,24 @@ def main(argv: list[str] | None = None) -> None:
                    help="preprocess_data.py's arguments (one quoted string): queued first, training after it; "
                         "--output-prefix defaults to data.path")
     t.add_argument("--preprocess-time", help="time limit of the preprocessing job (default: --time)")
+    t.add_argument("--eval", metavar="ARGS",
+                   help="python -m megalign.eval's arguments (one quoted string): queued after training; --model "
+                        "defaults to the run's checkpoint directory, --out to RUN_DIR/eval")
+    t.add_argument("--eval-time", help="time limit of the evaluation job (default: --time)")
+    t.add_argument("--gpus", type=at_least(1), help="GPUs of the evaluation job (default: vLLM's --tensor-parallel, "
+                                                    "else 1)")
     t.add_argument("--config", help="the run's YAML config")
     t.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     p = sub.add_parser("preprocess", help="submit preprocessing: megalign-submit preprocess [options] -- ARGS")
     _add_common(p)
     p.add_argument("preprocess_args", nargs="...", help="preprocess_data.py's arguments, after --")
+    e = sub.add_parser("eval", help="submit an evaluation: megalign-submit eval [options] -- ARGS")
+    _add_common(e)
+    e.add_argument("--gpus", type=at_least(1), help="GPUs (default: vLLM's --tensor-parallel, else 1)")
+    e.add_argument("eval_args", nargs="...", help="python -m megalign.eval's arguments, after --")
     args = parser.parse_args(argv)
-    ids = parser.call(run_train if args.command == "train" else run_preprocess, args)
+    commands = {"train": run_train, "preprocess": run_preprocess, "eval": run_eval}
+    ids = parser.call(commands[args.command], args)
     if ids:
         print("\n".join(ids))
 

@@ -128,3 +128,25 @@ def test_the_command_line_runs_longbench_from_the_users_checkout(tiny_hf_model, 
     assert all(r["status"] == "ok" and 0 <= r["score"] <= 1 for r in records)
     results = json.loads((out / "results.json").read_text())["tasks"]
     assert results["longbench/hotpotqa"]["items"] == 3 and "longbench averages" in results
+
+
+def test_the_command_line_runs_longbench_v2_and_reports_its_table(tiny_hf_model, tmp_path):
+    from tests.eval.test_longbench_v2 import _checkout, _record
+
+    checkout = _checkout(tmp_path / "LongBench", [_record(0), _record(1, difficulty="hard", length="long")])
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "megalign.eval", "--model", str(tiny_hf_model), "--tasks",
+                           "longbench-v2", "--longbench-v2-dir", str(checkout), "--max-length", "1000", "--out",
+                           str(out), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["longbench-v2"] * 2 and all(r["status"] == "ok" for r in records)
+    assert all(r["new_tokens"] <= 128 for r in records)
+    table = json.loads((out / "results.json").read_text())["tasks"]["longbench-v2 table"]["longbench-v2"]
+    assert table["items"] == {"Overall": 2, "Easy": 1, "Hard": 1, "Short": 1, "Medium": 0, "Long": 1}
+    from megalign.eval.compare import flat_scores
+
+    rows = flat_scores(json.loads((out / "results.json").read_text()))
+    assert set(rows) == {"longbench-v2", *(f"longbench-v2 accuracy {c}" for c in ("Overall", "Easy", "Hard", "Short",
+                                                                                "Long"))}

@@ -6,7 +6,8 @@ the `slurm` fixture): jobs submitted with megalign-submit, run by launch/slurm/*
   and nothing logged twice;
 - a rank killed with SIGKILL in every attempt: the job fails after two attempts without progress, and its log
   names the rank and the cause;
-- preprocess -> train runs through the dependency.
+- preprocess -> train -> eval runs through the dependencies; the evaluation finds the trained checkpoint's
+  tokenizer and chat template itself.
 """
 
 import json
@@ -144,14 +145,53 @@ def test_preprocess_then_train_runs_through_the_dependency(slurm, bpe_tokenizer_
     config = write_config(tmp_path / "one.yaml", prefix, run, training={"steps": 2, "global_batch": 2})
     preprocess = (f"--input {inputs['long']} {inputs['short']} --tokenizer {bpe_tokenizer_dir} "
                   "--chat-template chatml --seq-length 1024")
-    prep_job, train_job = _submit_train(slurm, tmp_path, "--nodes", "1", "--config", str(config),
-                                        "--preprocess", preprocess)
+    evaluation = "--tasks needle --max-length 600 --needle-lengths 1 --needle-depths 2 --device cpu"
+    prep_job, train_job, eval_job = _submit_train(slurm, tmp_path, "--nodes", "1", "--config", str(config),
+                                                  "--preprocess", preprocess, "--eval", evaluation)
     prep_state = slurm.wait(prep_job)
     train_state = slurm.wait(train_job, timeout=240)
+    eval_state = slurm.wait(eval_job, timeout=240)
     assert prep_state["JobState"] == "COMPLETED" and train_state["JobState"] == "COMPLETED", (prep_state, train_state)
-    assert train_state["StartTime"] >= prep_state["EndTime"]
+    assert eval_state["JobState"] == "COMPLETED", (eval_state, (run / "eval" / "logs").iterdir())
+    assert train_state["StartTime"] >= prep_state["EndTime"] and eval_state["StartTime"] >= train_state["EndTime"]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["tasks"]["needle"]["items"] == 2 and results["tasks"]["needle"]["failed"] == 0
     assert (prefix.parent / "chained.json").is_file()
     assert json.loads((run / "run_status.json").read_text())["status"] == "finished"
     prep_log = (run / "logs" / f"preprocess-{prep_job}.out").read_text()
     usable = min(4, len(os.sched_getaffinity(0)))  # the CPUs Slurm gave the job (4), where this machine has them
     assert f"--workers {usable}" in prep_log
+
+
+def test_a_signalled_evaluation_requeues_and_generates_only_the_missing_items(slurm, bpe_tokenizer_dir, tmp_path):
+    """The time limit's signal to eval.sbatch (--signal=B:USR1) mid-run: the task stops, the job requeues, the
+    second attempt continues from OUT/items.jsonl: every item once, none generated twice."""
+    import shutil
+
+    import torch
+    import transformers
+
+    model = tmp_path / "hf"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    transformers.LlamaForCausalLM(config).save_pretrained(model)
+    for f in Path(bpe_tokenizer_dir).iterdir():
+        shutil.copy(f, model / f.name)
+    out = tmp_path / "eval"
+    done = megalign_submit("eval", "--cluster", "local-cpu", "--", "--model", str(model), "--tasks", "needle",
+                           "--max-length", "800", "--needle-lengths", "6", "--needle-depths", "6", "--device", "cpu",
+                           "--out", str(out), cwd=tmp_path, env=slurm.env)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split()[-1]
+    items = out / "items.jsonl"
+    _wait_for(lambda: items.is_file() and len(_lines(items)) >= 3, 240, "third item")
+    slurm.run(["scancel", "--signal=USR1", "--batch", job])
+    state = slurm.wait(job, timeout=300, restarts=1)
+    assert state["JobState"] == "COMPLETED", state
+    records = _lines(items)
+    assert sorted(r["id"] for r in records) == sorted({r["id"] for r in records}) and len(records) == 36
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["needle"]["items"] == 36 and 0 < results["settings"]["generated"] < 36
+    log = (out / "logs" / f"eval-{job}.out").read_text()
+    assert "got SIGUSR1; stopping the evaluation" in log and "(restart 1)" in log

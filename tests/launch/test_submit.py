@@ -143,3 +143,43 @@ def test_a_chain_checks_the_preprocessing_against_the_config(dataset, bpe_tokeni
     first, second = calls.read_text().splitlines()
     assert first.split()[-1].endswith(".sbatch") and "preprocess-" in first
     assert "--dependency=afterok:4242 --kill-on-invalid-dep=yes" in second and "train-" in second
+
+
+def test_an_evaluation_job_is_checked_and_written_beside_its_output(dataset, tmp_path, fake_sbatch):
+    env, calls = fake_sbatch
+    (tmp_path / "model").mkdir()
+    common = ["eval", "--cluster", "h100-ib", "--"]
+    refused = {
+        ("--model", str(tmp_path / "model"), "--tasks", "needle,nope", "--out", "o"): "--tasks nope: unknown",
+        ("--model", str(tmp_path / "gone"), "--tasks", "needle", "--out", "o"): "--model " + str(tmp_path / "gone"),
+        ("--model", str(tmp_path / "model"), "--tasks", "longbench", "--longbench-dir", "/nowhere", "--out", "o"):
+            "--longbench-dir /nowhere: no such file",
+    }
+    for args, message in refused.items():
+        done = megalign_submit(*common, *args, cwd=tmp_path, env=env)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not calls.exists()
+    done = megalign_submit("eval", "--cluster", "h100-ib", "--after", "77", "--", "--model", str(tmp_path / "model"),
+                           "--backend", "vllm", "--tensor-parallel", "4", "--tasks", "needle", "--out",
+                           str(tmp_path / "ev"), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    written, = (tmp_path / "ev" / "slurm").glob("eval-*.sbatch")
+    script = written.read_text()
+    assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --signal=B:USR1@" in script
+    assert "--tensor-parallel 4" in script and 'megalign.eval --no-progress "$@"' in script
+    assert calls.read_text().split() == ["--parsable", "--dependency=afterok:77", "--kill-on-invalid-dep=yes",
+                                         str(written)]
+    assert subprocess.run(["bash", "-n", str(written)]).returncode == 0
+
+
+def test_training_with_eval_queues_the_evaluation_of_its_checkpoints_after_it(dataset, tmp_path, fake_sbatch):
+    env, calls = fake_sbatch
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", dataset, run)
+    done = megalign_submit("train", "--cluster", "local-cpu", "--nodes", "1", "--config", str(config), "--eval",
+                           "--tasks needle --all-checkpoints", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    train_call, eval_call = calls.read_text().splitlines()
+    assert "train-" in train_call and "--dependency=afterok:4242" in eval_call
+    written, = (run / "eval" / "slurm").glob("eval-*.sbatch")
+    assert f"--model {run / 'checkpoints'}" in written.read_text()  # it need not exist yet
