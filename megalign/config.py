@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RECOMPUTE = ("none", "selective", "full")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn", "llama3")
 POSITIONS = ("contiguous", "skipalign")  # data.positions (megalign/data/positions.py)
+BALANCE_MODES = ("none", "compute")  # data.balance (megalign/training/balance.py)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class DataConfig:
     # held-out datasets for the validation loss (a PREFIX or a list, made by the same preprocessing, the same
     # tokenizer); every pack of each is evaluated, forward only, with contiguous positions
     valid_path: Any = None
+    # which data-parallel rank gets which packs of a global batch:
+    #   none     consecutive shares in the sampler's order
+    #   compute  shares of equal modelled compute (attention is quadratic per sample: a pack of one long sample
+    #            costs more than a pack of short ones of the same tokens), decided on every rank alike
+    balance: str = "compute"
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,15 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     distributed_optimizer: bool = True
+    # megatron's sequence parallelism: the activations outside attention and MLP (norms, residuals, dropout)
+    # split over the TP ranks along the sequence. None: on when tp > 1
+    sequence_parallel: Optional[bool] = None
     timeout_minutes: float = 30.0  # a collective that waits longer fails the rank (a hung or lost peer ends the job)
+
+    @property
+    def sp(self) -> bool:
+        """Whether sequence parallelism is on (the key, or its default: tp > 1)."""
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -313,6 +327,9 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     if not (math.isfinite(p.timeout_minutes) and p.timeout_minutes > 0):
         raise MegalignError(f"config key parallel.timeout_minutes={p.timeout_minutes} must be > 0, e.g. 30")
     model_parallel = p.tp * p.pp * p.cp
+    if p.sequence_parallel and p.tp == 1:
+        raise MegalignError("config key parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the "
+                            "sequence over the TP ranks); leave it unset to have it on exactly when tp > 1")
     if world_size % model_parallel:
         raise MegalignError(
             f"config keys parallel.tp*pp*cp = {model_parallel} must divide the world size {world_size}; "
@@ -379,6 +396,7 @@ def _validate_optimizer(t: TrainingConfig) -> None:
 
 def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
     _check_choice("data.positions", d.positions, POSITIONS)
+    _check_choice("data.balance", d.balance, BALANCE_MODES)
     w = d.skipalign_window
     if w is not None and not 0 < w <= m.max_position_embeddings:
         raise MegalignError(f"config key data.skipalign_window={w} must be in [1, model.max_position_embeddings="
