@@ -110,6 +110,9 @@ class DataConfig:
     #   compute  shares of equal modelled compute (attention is quadratic per sample: a pack of one long sample
     #            costs more than a pack of short ones of the same tokens), decided on every rank alike
     balance: str = "compute"
+    # build the next step's micro-batches on a background thread while this step computes (training/prefetch.py);
+    # false: build them when they are needed
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)

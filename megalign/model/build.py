@@ -10,11 +10,14 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalign.config import Config
 from megalign.model.attention import CORE_ATTENTION
 from megalign.model.gpt import MegalignGPTModel
+from megalign.model.norm import SequenceParallelTorchNorm
 
 
 def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool = True) -> TransformerConfig:
@@ -43,6 +46,9 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         context_parallel_size=p.cp,
+        # activations outside attention and MLP split over TP along the sequence (the batch pads every rank's
+        # share to a multiple of tp: training/batch.py)
+        sequence_parallel=p.sp,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -73,17 +79,23 @@ def transformer_config(cfg: Config, params_dtype: torch.dtype, random_init: bool
     )
 
 
-def layer_spec(backend: str, normalization: str):
-    """The local (plain megatron-core) layer spec with a THD-capable core attention; TE's own spec for `te`."""
+def layer_spec(backend: str, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+    """TE's own spec for `te` (its norms and linears handle sequence parallelism themselves). Otherwise the local
+    (plain megatron-core) spec with a THD-capable core attention, and norms that allow sequence parallelism
+    (model/norm.py) in the layers and after the last one: a block spec for this stage's layers, since the
+    block's final norm comes from the block spec, not the layer's."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization))
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
     attention = spec.submodules.self_attention
     attention.submodules.core_attention = CORE_ATTENTION[backend]
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal}
-    return spec
+    spec.submodules.input_layernorm = SequenceParallelTorchNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.float32,
@@ -95,9 +107,10 @@ def build_model(cfg: Config, backend: str, params_dtype: torch.dtype = torch.flo
     takes no part in the loss (model/gpt.py).
     """
     m = cfg.model
+    config = transformer_config(cfg, params_dtype, random_init)
     return MegalignGPTModel(
-        config=transformer_config(cfg, params_dtype, random_init),
-        transformer_layer_spec=layer_spec(backend, m.normalization),
+        config=config,
+        transformer_layer_spec=layer_spec(backend, config),
         vocab_size=m.padded_vocab_size,
         tokenizer_vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,

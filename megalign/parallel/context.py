@@ -13,6 +13,7 @@ causal attention no real token ever sees it; padded positions carry no loss weig
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +21,24 @@ import torch
 import torch.distributed as dist
 
 
-def padded_lengths(lengths: np.ndarray, cp: int) -> np.ndarray:
-    multiple = 2 * cp
+def sample_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """What every sample is padded to a multiple of: 2*cp (its 2*cp chunks), and with sequence parallelism
+    also tp*cp, so that each rank's share (padded/cp per sample) splits over the TP ranks: lcm(2cp, tp*cp), as
+    Megatron-Bridge pads."""
+    return math.lcm(2 * cp, tp * cp) if sequence_parallel else 2 * cp
+
+
+def padded_lengths(lengths: np.ndarray, cp: int, multiple: int | None = None) -> np.ndarray:
+    multiple = multiple or 2 * cp
+    if multiple % (2 * cp):
+        raise ValueError(f"samples padded to a multiple of {multiple} do not cut into {2 * cp} chunks")
     return (np.asarray(lengths, dtype=np.int64) + multiple - 1) // multiple * multiple
 
 
-def padding_index(lengths: np.ndarray, cp: int) -> np.ndarray:
+def padding_index(lengths: np.ndarray, cp: int, multiple: int | None = None) -> np.ndarray:
     """For each position of the padded row, the position in the unpadded row it copies, or -1 for padding."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    padded = padded_lengths(lengths, cp)
+    padded = padded_lengths(lengths, cp, multiple)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     offset_in_sample = np.arange(padded.sum()) - np.repeat(np.cumsum(padded) - padded, padded)
     source = np.repeat(starts, padded) + offset_in_sample
@@ -119,9 +129,11 @@ class AttentionPlan:
     max_q: int
     max_k: int
 
+    def map(self, fn) -> "AttentionPlan":
+        return AttentionPlan(*(fn(x) for x in (self.keys, self.cu_q, self.cu_k)), self.max_q, self.max_k)
+
     def to(self, device) -> "AttentionPlan":
-        return AttentionPlan(*(x.to(device, non_blocking=True) for x in (self.keys, self.cu_q, self.cu_k)),
-                             self.max_q, self.max_k)
+        return self.map(lambda x: x.to(device, non_blocking=True))
 
 
 def attention_plan(padded: np.ndarray, cp: int, rank: int) -> AttentionPlan:

@@ -3,7 +3,8 @@
   tokens[t]        the pack's token ids
   labels[t]        the next token inside the same sample (a sample's last token has no target)
   loss             what the objective needs (training/objective.py), e.g. sft's per-token weights and the count
-  position_ids[t]  0, 1, ... restarting at every sample, or the positions given (SkipAlign: data/positions.py)
+  position_ids[t]  0, 1, ... restarting at every sample (from the sample's position offset: the pieces of a long
+                   document with `--positions continue`), or the positions given (SkipAlign: data/positions.py)
   cu_seqlens[n+1]  sample boundaries; max_seqlen is the longest SINGLE sample (megatron's THD RoPE switches to
                    global positions when it equals the packed length)
 
@@ -12,6 +13,11 @@ parallel/context.py): tokens, labels and per-token loss inputs are its share; cu
 row, with cu_seqlens_padded for the padded row, position_ids cover the whole padded row (megatron cuts RoPE's
 angles per rank itself), and the attention plan is computed here, on the host. The count goes to CP rank 0
 only: megatron sums counts over the CP group.
+
+Under sequence parallelism a rank's tokens split over the TP ranks, so their number must divide by tp: with
+CP, every sample is padded to lcm(2cp, tp*cp) instead of 2cp; without CP, the pack ends with one padding
+segment of fewer than tp tokens (`pad_to_multiple`: a sample of its own that nothing attends across, and no
+loss weight), which costs fewer tokens than padding every sample would.
 
 `BatchBuilder` is the pure function from a pack reference to this rank's micro-batch that the trainer uses.
 """
@@ -53,20 +59,30 @@ class Batch:
                          cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
                          max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen, cp_plan=self.cp_plan)
 
-    def to(self, device) -> "Batch":
-        def move(x):
-            return None if x is None else x.to(device, non_blocking=True)
+    def map(self, fn) -> "Batch":
+        """The batch with `fn` applied to each of its tensors (the attention plan's too)."""
+        def each(x):
+            return None if x is None else fn(x)
 
-        loss = LossInputs({k: move(v) for k, v in self.loss.per_token.items()}, move(self.loss.count))
-        return dataclasses.replace(self, tokens=move(self.tokens), labels=move(self.labels),
-                                   position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens),
-                                   loss=loss, cu_seqlens_padded=move(self.cu_seqlens_padded),
-                                   cp_plan=None if self.cp_plan is None else self.cp_plan.to(device))
+        loss = LossInputs({k: each(v) for k, v in self.loss.per_token.items()}, each(self.loss.count))
+        return dataclasses.replace(self, tokens=each(self.tokens), labels=each(self.labels),
+                                   position_ids=each(self.position_ids), cu_seqlens=each(self.cu_seqlens),
+                                   loss=loss, cu_seqlens_padded=each(self.cu_seqlens_padded),
+                                   cp_plan=None if self.cp_plan is None else self.cp_plan.map(fn))
+
+    def to(self, device) -> "Batch":
+        return self.map(lambda x: x.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        return self.map(lambda x: x.pin_memory())
+
+    def record_stream(self, stream) -> None:
+        self.map(lambda x: x.record_stream(stream) or x)
 
 
 def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Batch:
     """The whole pack as one micro-batch for `objective` (training/objective.py). `positions`: the pack's position
-    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample."""
+    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample, from its position offset."""
     lengths = np.asarray(pack.lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tokens = pack.tokens.astype(np.int64)
@@ -76,7 +92,7 @@ def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Bat
     targets = np.roll(pack.loss_mask.astype(np.float64), -1)
     targets[last] = 0.0
     if positions is None:
-        positions = contiguous_positions(lengths)
+        positions = contiguous_positions(lengths, pack.position_offsets)
     elif np.shape(positions) != tokens.shape:
         raise ValueError(f"{np.shape(positions)} positions for a pack of {len(tokens)} tokens")
     else:
@@ -93,12 +109,31 @@ def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Bat
     )
 
 
-def context_parallel_share(batch: Batch, cp: int, rank: int) -> Batch:
+def pad_to_multiple(batch: Batch, multiple: int) -> Batch:
+    """The whole-row batch with a padding segment at its end, so that its length is a multiple of `multiple`:
+    token 0, no target, no loss weight, positions 0.. of its own; the real samples are untouched."""
+    extra = -len(batch.tokens) % multiple
+    if extra == 0:
+        return batch
+
+    def padded(x: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([x, torch.zeros(extra, dtype=x.dtype) if fill is None else fill.to(x.dtype)])
+
+    cu = batch.cu_seqlens
+    return dataclasses.replace(
+        batch, tokens=padded(batch.tokens), labels=padded(batch.labels),
+        position_ids=padded(batch.position_ids, torch.arange(extra)),
+        cu_seqlens=torch.cat([cu, cu[-1:] + extra]), max_seqlen=max(batch.max_seqlen, extra),
+        loss=LossInputs({k: padded(v) for k, v in batch.loss.per_token.items()}, batch.loss.count))
+
+
+def context_parallel_share(batch: Batch, cp: int, rank: int, multiple: int | None = None) -> Batch:
     """Rank `rank`'s share of a whole-row batch under context parallelism of size `cp` (loss inputs and counts
-    come from the whole row, so the global loss is the CP=1 loss), with its attention plan."""
+    come from the whole row, so the global loss is the CP=1 loss), with its attention plan. Every sample is
+    padded to a multiple of `multiple` (default 2*cp; context.sample_multiple)."""
     lengths = np.diff(batch.cu_seqlens.numpy()).astype(np.int64)
-    padded = context.padded_lengths(lengths, cp)
-    source = context.padding_index(lengths, cp)
+    padded = context.padded_lengths(lengths, cp, multiple)
+    source = context.padding_index(lengths, cp, multiple)
     real = source >= 0
     from_row = np.maximum(source, 0)
     mine = context.rank_index(padded, cp, rank)
@@ -140,6 +175,7 @@ class BatchBuilder:
     vocab_size: int
     cp: int = 1
     cp_rank: int = 0
+    sequence_parallel_tp: int = 1  # under sequence parallelism, the TP size this rank's tokens split over
 
     def build(self, ref: PackRef) -> Batch:
         pack, d = self.datasets[ref.dataset][ref.pack], self.data
@@ -149,13 +185,29 @@ class BatchBuilder:
                 f"dataset {source}, pack {ref.pack}: token id {int(pack.tokens.max())} is outside the model's "
                 f"vocabulary of {self.vocab_size}: the dataset is damaged (tools/inspect_dataset.py --verify full "
                 "checks it) or was made with another tokenizer than model.vocab_size says")
+        if pack.position_offsets is not None and len(pack.lengths):
+            self._check_continued_positions(pack, ref)
         # positions of the whole row, before the CP split (which keeps the whole padded row's positions)
         positions = pack_positions(pack, d.positions, d.skipalign_window or self.max_positions,
                                    d.skipalign_fraction, self.seed, ref.dataset, ref.pack, ref.epoch)
         batch = thd_batch(pack, self.objective, positions)
+        tp = self.sequence_parallel_tp
         if self.cp > 1:
-            batch = context_parallel_share(batch, self.cp, self.cp_rank)
+            batch = context_parallel_share(batch, self.cp, self.cp_rank,
+                                           context.sample_multiple(self.cp, tp, sequence_parallel=tp > 1))
+        elif tp > 1:
+            batch = pad_to_multiple(batch, tp)
         return batch
+
+    def _check_continued_positions(self, pack: Pack, ref: PackRef) -> None:
+        """Pieces whose positions continue their document's reach past the pack: not past the model's positions."""
+        end = int(np.max(np.asarray(pack.position_offsets) + np.asarray(pack.lengths)))
+        if end > self.max_positions:
+            source = self.datasets[ref.dataset].fingerprint()["path"]
+            raise MegalignError(
+                f"dataset {source}, pack {ref.pack}: a document's piece reaches position {end - 1} (preprocessed with "
+                f"--positions continue), beyond model.max_position_embeddings={self.max_positions}: raise it to at "
+                "least the dataset's documents.max_position, or preprocess with --positions restart")
 
     def sequence_lengths(self, refs: Sequence[PackRef]) -> list[int]:
         """The lengths of every sample in the packs `refs`, in order."""

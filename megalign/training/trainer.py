@@ -96,7 +96,8 @@ class Trainer:
                                    self.layout.dp, t.seed)
         self.batches = BatchBuilder(self.datasets, cfg.data, self.objective, t.seed,
                                     cfg.model.max_position_embeddings, cfg.model.vocab_size, self.layout.cp,
-                                    self.layout.cp_rank)
+                                    self.layout.cp_rank,
+                                    sequence_parallel_tp=cfg.parallel.tp if cfg.parallel.sp else 1)
         self.step = 0
         self.checkpoints = ckpt.CheckpointStore(checkpoint_dir(cfg))
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run

@@ -122,7 +122,7 @@ def skipalign_check(trainer, sharpen: float = 16.0) -> dict:
     return result
 
 
-SHORT_LENGTHS = ([1, 3, 6, 11, 301], [2, 5, 7, 9, 97])
+SHORT_LENGTHS = ([1, 3, 6, 11, 301], [2, 5, 7, 10, 97])  # one pack of an odd length (SP pads it)
 
 
 def short_samples(vocab: int, seed: int = 7):
@@ -167,6 +167,17 @@ def validation_check(trainer) -> list[dict]:
     return [Validator(trainer, datasets, [64, 256], objective=SFT(mode)).run() for mode in ("sequence", "token")]
 
 
+def three_steps(trainer) -> list[dict]:
+    """One optimizer step per loss mode: what train_step reports."""
+    from megalign.training.objective import SFT
+
+    steps = []
+    for mode in ("sequence", "token", "pack"):
+        r = trainer.train_step(trainer.batches.replace(objective=SFT(mode)))
+        steps.append({"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences})
+    return steps
+
+
 def main():
     out_path, overrides = sys.argv[1], sys.argv[2:]
     import torch.distributed as dist
@@ -174,7 +185,6 @@ def main():
     from megalign.config import load_config, validate
     from megalign.parallel.launcher import world_size_from_env
     from megalign.parallel.setup import shutdown
-    from megalign.training.objective import SFT
     from megalign.training.trainer import Trainer
 
     cfg = load_config(None, overrides)
@@ -189,10 +199,12 @@ def main():
                                 "counted": parameter_count(trainer.cfg.model, trainer.cfg.model.padded_vocab_size)}
     result["validation"] = validation_check(trainer)  # before any step: the same weights at every layout
     result["skipalign"] = skipalign_check(trainer)
-    result["steps"] = []
-    for mode in ("sequence", "token", "pack"):
-        r = trainer.train_step(trainer.batches.replace(objective=SFT(mode)))
-        result["steps"].append({"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences})
+    if cfg.parallel.tp > 1:  # the same steps from the same weights with sequence parallelism switched
+        from megalign.config import updated
+
+        switched = updated(cfg, parallel={"sequence_parallel": not cfg.parallel.sp}, checkpoint={"resume": False})
+        result["sequence_parallel_switched"] = three_steps(Trainer(switched, runtime=trainer.runtime))
+    result["steps"] = three_steps(trainer)
     result["short_samples"] = short_samples_step(trainer)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

@@ -1,6 +1,6 @@
 """The invariants, each in a real multi-process launch (torchrun, gloo, CPU mode):
 a packed batch equals its samples run one by one; the loss and gradient norm of a global batch do not depend on
-TP, PP, CP, DP, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
+TP, PP, CP, DP, sequence parallelism, micro-batching or activation recomputation (for every loss mode); megatron's RNG streams behave as
 megatron means them to; SkipAlign positions with zero skips are contiguous ones, and SkipAlign's loss does not
 depend on the layout either."""
 
@@ -16,13 +16,14 @@ import pytest
 WORKER = Path(__file__).with_name("distributed_checks.py")
 LAYOUTS = {
     "1 process": (1, []),
-    "tp=2": (2, ["parallel.tp=2"]),
+    "tp=2": (2, ["parallel.tp=2"]),  # sequence parallel (the default with tp > 1)
     "pp=2": (2, ["parallel.pp=2"]),
     "dp=2": (2, []),
     "cp=2": (2, ["parallel.cp=2"]),
     "cp=2 tp=2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     "cp=2 dp=2": (4, ["parallel.cp=2"]),
     "cp=2 pp=2": (4, ["parallel.cp=2", "parallel.pp=2"]),
+    "tp=2 pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "recompute full": (1, ["model.recompute=full"]),
     "recompute selective": (1, ["model.recompute=selective"]),
 }
@@ -58,7 +59,7 @@ def test_parameter_count_matches_the_built_model(results):
 
 
 @pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2",
-                                    "recompute full", "recompute selective"])
+                                    "tp=2 pp=2", "recompute full", "recompute selective"])
 def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     reference, other = results["1 process"]["steps"], results[layout]["steps"]
     assert len(reference) == len(other) == 3  # one step per loss mode: sequence, token, pack
@@ -69,7 +70,8 @@ def test_loss_and_grad_norm_do_not_depend_on_layout(results, layout):
     assert len({round(s["loss"], 6) for s in reference}) == 3  # the modes really differ
 
 
-@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2"])
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2",
+                                    "tp=2 pp=2"])
 def test_validation_loss_does_not_depend_on_layout(results, layout):
     reference, other = results["1 process"]["validation"], results[layout]["validation"]
     assert len(reference) == 2  # sequence and token weighting
@@ -91,10 +93,24 @@ def test_rng_streams_are_seeded_and_split_as_megatron_means(results):
     assert dp[0] == dp[1]  # DP replicas (same TP rank) share it
 
 
-@pytest.mark.parametrize("layout", ["cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2"])
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2", "dp=2", "cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2", "tp=2 pp=2"])
+def test_sequence_parallel_equals_no_sequence_parallel(results, layout):
+    """At every TP layout the worker also ran the same three steps from the same weights with sequence
+    parallelism off: the same losses and gradient norms (packs of odd lengths get a padding segment)."""
+    if "tp=2" not in layout:
+        assert "sequence_parallel_switched" not in results[layout]
+        return
+    on, off = results[layout]["steps"], results[layout]["sequence_parallel_switched"]
+    for a, b in zip(on, off, strict=True):
+        assert a["sequences"] == b["sequences"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["cp=2", "cp=2 tp=2", "cp=2 dp=2", "cp=2 pp=2", "tp=2", "tp=2 pp=2"])
 def test_context_parallel_with_samples_shorter_than_2cp(results, layout):
-    """Samples of 1, 2, 3 tokens (< 2*cp: one rank holds only padding of them) and lengths not divisible by 2*cp:
-    the same finite loss and gradient norm as one process."""
+    """Samples of 1, 2, 3 tokens (< 2*cp: one rank holds only padding of them) and lengths not divisible by 2*cp
+    or, under sequence parallelism, by tp: the same finite loss and gradient norm as one process."""
     reference, got = results["1 process"]["short_samples"], results[layout]["short_samples"]
     assert got["sequences"] == reference["sequences"] == 10
     assert math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])
