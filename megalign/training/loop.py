@@ -31,6 +31,7 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
         "step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm, "sequences": r.sequences,
         "tokens": r.tokens, "step_time_s": r.seconds, "tokens_per_s": r.tokens / r.seconds,
         "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12, "skipped": int(r.skipped),
+        "dp_imbalance": r.dp_imbalance,  # modelled slowest DP rank / mean (training/balance.py)
     }
 
 

@@ -32,7 +32,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megalign import checkpoint as ckpt
 from megalign import megatron_compat
 from megalign.config import Config, checkpoint_dir, resolve, to_dict
-from megalign.data.sampler import PackRef, PackSampler, dp_share
+from megalign.data.sampler import PackRef, PackSampler
 from megalign.data.source import PackSource
 from megalign.errors import MegalignError
 from megalign.model.arithmetic import step_flops
@@ -40,6 +40,7 @@ from megalign.model.attention import resolve_backend
 from megalign.model.build import build_model
 from megalign.model.init import initialize_weights
 from megalign.parallel.setup import Runtime, initialize
+from megalign.training.balance import DataParallelBalance
 from megalign.training.batch import Batch, BatchBuilder
 from megalign.training.objective import make_objective
 
@@ -57,6 +58,7 @@ class StepResult:
     seconds: float
     flops: float
     skipped: bool = False  # the loss or gradient norm was not finite and training.on_nonfinite=skip
+    dp_imbalance: float = 1.0  # the slowest DP rank's modelled cost over the mean (training/balance.py)
 
 
 def open_datasets(cfg: Config) -> list[PackSource]:
@@ -94,6 +96,7 @@ class Trainer:
         t = cfg.training
         self.sampler = PackSampler([len(ds) for ds in self.datasets], cfg.data.weights, t.global_batch,
                                    self.layout.dp, t.seed)
+        self.balance = DataParallelBalance(cfg.model, cfg.data.balance)  # which DP rank runs which packs
         self.batches = BatchBuilder(self.datasets, cfg.data, self.objective, t.seed,
                                     cfg.model.max_position_embeddings, cfg.model.vocab_size, self.layout.cp,
                                     self.layout.cp_rank,
@@ -113,7 +116,7 @@ class Trainer:
         batches = batches or self.batches
         if not forward_only:
             self.zero_grad()
-        mine = dp_share(refs, self.layout.dp, self.layout.dp_rank)
+        mine = self.balance.assign(refs, batches.datasets, self.layout.dp).shares[self.layout.dp_rank]
         return batches.objective.metrics(self.forward_sums(mine, forward_only, batches))
 
     def forward_sums(self, mine: Sequence[PackRef], forward_only: bool, batches: BatchBuilder) -> torch.Tensor:
@@ -196,10 +199,12 @@ class Trainer:
         figures = self.forward_backward(refs, batches=batches)
         grad_norm, lr, skipped = self.optimizer_step(figures["loss"])
         lengths = batches.sequence_lengths(refs)
+        balance = self.balance.assign(refs, batches.datasets, self.layout.dp)  # the split just run (kept)
         return StepResult(
             step=self.step, loss=figures["loss"], lr=lr, grad_norm=grad_norm, sequences=len(lengths),
             tokens=int(sum(lengths)), seconds=time.perf_counter() - started,
             flops=step_flops(self.cfg.model, self.cfg.model.padded_vocab_size, lengths), skipped=skipped,
+            dp_imbalance=balance.imbalance,
         )
 
     # -- checkpoints -------------------------------------------------------------------------------------
