@@ -32,6 +32,7 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
         "tokens": r.tokens, "step_time_s": r.seconds, "tokens_per_s": r.tokens / r.seconds,
         "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12, "skipped": int(r.skipped),
         "dp_imbalance": r.dp_imbalance,  # modelled slowest DP rank / mean (training/balance.py)
+        "host_seconds": r.host_seconds,  # the step's wait for its micro-batches (prefetched: ~0)
     }
 
 
@@ -72,6 +73,7 @@ def train(trainer: Trainer, log: logging.Logger, watch: PreemptionWatch | None =
                     preempted = watch.signal_name
                     break
     finally:
+        trainer.close()
         bar.close()
         metrics.close()
     if preempted:

@@ -43,6 +43,7 @@ from megalign.parallel.setup import Runtime, initialize
 from megalign.training.balance import DataParallelBalance
 from megalign.training.batch import Batch, BatchBuilder
 from megalign.training.objective import make_objective
+from megalign.training.prefetch import Prefetcher
 
 log = logging.getLogger("megalign")
 
@@ -59,6 +60,7 @@ class StepResult:
     flops: float
     skipped: bool = False  # the loss or gradient norm was not finite and training.on_nonfinite=skip
     dp_imbalance: float = 1.0  # the slowest DP rank's modelled cost over the mean (training/balance.py)
+    host_seconds: float = 0.0  # of `seconds`, what the step waited for its micro-batches (built, or prefetched)
 
 
 def open_datasets(cfg: Config) -> list[PackSource]:
@@ -101,6 +103,9 @@ class Trainer:
                                     cfg.model.max_position_embeddings, cfg.model.vocab_size, self.layout.cp,
                                     self.layout.cp_rank,
                                     sequence_parallel_tp=cfg.parallel.tp if cfg.parallel.sp else 1)
+        # the next step's micro-batches built while this one computes (data.prefetch; training/prefetch.py)
+        self.prefetcher = Prefetcher(self.runtime.device) if cfg.data.prefetch else None
+        self.host_seconds = 0.0  # the main thread's time getting micro-batches, summed (train_step reads it)
         self.step = 0
         self.checkpoints = ckpt.CheckpointStore(checkpoint_dir(cfg))
         self.saved_step: int | None = None  # the step of the newest checkpoint of this run
@@ -109,22 +114,44 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def forward_backward(self, refs: Sequence[PackRef], forward_only: bool = False,
-                         batches: BatchBuilder | None = None) -> dict[str, float]:
+                         batches: BatchBuilder | None = None, next_refs: Sequence[PackRef] | None = None
+                         ) -> dict[str, float]:
         """Forward (and, unless forward_only, backward) over the packs `refs` of every DP rank, this rank taking
         its share; gradients accumulate into the model's buffers. Returns the objective's global figures
-        ({"loss": ...}), the same on every rank. `batches`: another builder (other data, objective, positions)."""
+        ({"loss": ...}), the same on every rank. `batches`: another builder (other data, objective, positions).
+        `next_refs`: the packs of the step after, whose micro-batches are then built while this one computes."""
         batches = batches or self.batches
         if not forward_only:
             self.zero_grad()
-        mine = self.balance.assign(refs, batches.datasets, self.layout.dp).shares[self.layout.dp_rank]
-        return batches.objective.metrics(self.forward_sums(mine, forward_only, batches))
+        upcoming = None if next_refs is None else self._share(next_refs, batches)
+        return batches.objective.metrics(self.forward_sums(self._share(refs, batches), forward_only, batches,
+                                                           upcoming))
 
-    def forward_sums(self, mine: Sequence[PackRef], forward_only: bool, batches: BatchBuilder) -> torch.Tensor:
+    def _share(self, refs: Sequence[PackRef], batches: BatchBuilder) -> list[PackRef]:
+        return self.balance.assign(refs, batches.datasets, self.layout.dp).shares[self.layout.dp_rank]
+
+    def micro_batches(self, mine: Sequence[PackRef], batches: BatchBuilder,
+                      upcoming: Sequence[PackRef] | None = None) -> list[Batch]:
+        """This rank's micro-batches for `mine` on the device (prefetched when they were), then the prefetch of
+        `upcoming`'s. The builder is in the key (and kept alive by the prefetch), so a prefetch by another
+        builder is never taken for this one's."""
+        started = time.perf_counter()
+        if self.prefetcher is None:
+            built = [batches.build(r).to(self.runtime.device) for r in mine]
+        else:
+            built = self.prefetcher.take((id(batches), tuple(mine)), lambda: [batches.build(r) for r in mine])
+            if upcoming:
+                self.prefetcher.submit((id(batches), tuple(upcoming)), lambda: [batches.build(r) for r in upcoming])
+        self.host_seconds += time.perf_counter() - started
+        return built
+
+    def forward_sums(self, mine: Sequence[PackRef], forward_only: bool, batches: BatchBuilder,
+                     upcoming: Sequence[PackRef] | None = None) -> torch.Tensor:
         """This rank's packs `mine` through megatron's schedule; the objective's sums over every rank (a
         collective: every rank calls it, one with no packs too, which adds nothing)."""
         reports = []
         if mine:
-            micro_batches = [batches.build(r).to(self.runtime.device) for r in mine]
+            micro_batches = self.micro_batches(mine, batches, upcoming)
             training = self.model.training
             if forward_only:
                 self.model.eval()
@@ -193,10 +220,13 @@ class Trainer:
 
     def train_step(self, batches: BatchBuilder | None = None) -> StepResult:
         """One optimizer step on the sampler's next global batch (built by `batches`, default the run's)."""
-        started = time.perf_counter()
+        started, host_before = time.perf_counter(), self.host_seconds
         batches = batches or self.batches
         refs = self.sampler.next_global_batch()
-        figures = self.forward_backward(refs, batches=batches)
+        upcoming = None  # the packs of the step after (the sampler is a pure function of its position)
+        if self.step + 1 < self.cfg.training.steps:
+            upcoming = self.sampler.packs_at(self.sampler.consumed, self.cfg.training.global_batch)
+        figures = self.forward_backward(refs, batches=batches, next_refs=upcoming)
         grad_norm, lr, skipped = self.optimizer_step(figures["loss"])
         lengths = batches.sequence_lengths(refs)
         balance = self.balance.assign(refs, batches.datasets, self.layout.dp)  # the split just run (kept)
@@ -204,8 +234,15 @@ class Trainer:
             step=self.step, loss=figures["loss"], lr=lr, grad_norm=grad_norm, sequences=len(lengths),
             tokens=int(sum(lengths)), seconds=time.perf_counter() - started,
             flops=step_flops(self.cfg.model, self.cfg.model.padded_vocab_size, lengths), skipped=skipped,
-            dp_imbalance=balance.imbalance,
+            dp_imbalance=balance.imbalance, host_seconds=self.host_seconds - host_before,
         )
+
+    def close(self) -> None:
+        """Stop the prefetch worker (a build under way is waited for, its batches dropped); later steps build
+        their micro-batches in place."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _parts(self) -> ckpt.TrainingParts:

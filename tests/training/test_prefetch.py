@@ -107,3 +107,99 @@ def test_close_waits_for_a_build_under_way_and_drops_it():
     threading.Timer(0.2, release.set).start()
     prefetcher.close()  # returns once the build under way has ended; its result is never used
     assert finished == [True]
+
+
+class SlowPacks:
+    """In-memory packs whose reads take a while (a disk), one of which can signal this process as it is read:
+    a SIGTERM that lands while the worker thread is prefetching."""
+
+    def __init__(self, packs, signal_at: int | None = None):
+        self.packs, self.signal_at, self.reads = packs, signal_at, []
+
+    def __len__(self):
+        return len(self.packs)
+
+    def __getitem__(self, k):
+        import os
+        import signal
+        import time
+
+        self.reads.append((k, threading.current_thread().name))
+        if self.signal_at is not None and len(self.reads) == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the main thread goes on meanwhile
+        return self.packs[k]
+
+    def __getattr__(self, name):  # pack_sample_lengths, vocab_size, fingerprint
+        return getattr(self.packs, name)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron.core import parallel_state
+
+    from megalign.config import updated
+    from megalign.parallel.setup import initialize, shutdown
+
+    if parallel_state.model_parallel_is_initialized():
+        shutdown()
+    yield initialize(updated(Config(), run={"device": "cpu"}))
+    shutdown()
+
+
+def _trainer(runtime, tmp_path, dataset, prefetch: bool):
+    from megalign.config import updated
+    from megalign.training.trainer import Trainer
+
+    cfg = updated(Config(), model={"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+                                   "num_query_groups": 2},
+                  data={"prefetch": prefetch, "positions": "skipalign"},
+                  training={"global_batch": 2, "steps": 5, "lr": 1e-2, "warmup_fraction": 0},
+                  run={"device": "cpu", "output_dir": str(tmp_path)}, checkpoint={"resume": False})
+    return Trainer(cfg, datasets=[dataset], runtime=runtime)
+
+
+def _many_packs(n: int = 8) -> InMemoryPacks:
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(5, 60, size=rng.integers(1, 5))
+        total = int(lengths.sum())
+        out.append(Pack(rng.integers(0, VOCAB, total), (rng.random(total) < 0.6).astype(np.uint8), lengths))
+    return InMemoryPacks(out, vocab_size=VOCAB)
+
+
+def test_training_with_prefetch_is_training_without(runtime, tmp_path):
+    data = _many_packs()
+    plain = _trainer(runtime, tmp_path / "plain", SlowPacks(data), prefetch=False)
+    ahead_data = SlowPacks(data)
+    ahead = _trainer(runtime, tmp_path / "ahead", ahead_data, prefetch=True)
+    for _ in range(5):
+        a, b = plain.train_step(), ahead.train_step()
+        assert (a.loss, a.grad_norm, a.sequences) == (b.loss, b.grad_norm, b.sequences)
+    workers = [name for _, name in ahead_data.reads if name.startswith("megalign-prefetch")]
+    assert len(workers) == 4 * 2  # steps 2-5 were read ahead, 2 packs each; step 1 in place
+    ahead.close()
+
+
+def test_a_sigterm_while_prefetching_stops_after_the_step_and_loses_nothing(runtime, tmp_path):
+    """The signal lands while the worker reads step 3's packs (during step 2): step 2 ends normally, the ranks
+    agree to stop, close() returns; continuing gives the steps of a run never signalled."""
+    from megalign.checkpoint.preemption import PreemptionWatch
+
+    data = _many_packs()
+    reference = _trainer(runtime, tmp_path / "reference", SlowPacks(data), prefetch=False)
+    expected = [reference.train_step() for _ in range(5)]
+    signalled = SlowPacks(data, signal_at=5)  # reads: step 1 (2, in place), step 2 (2, ahead), step 3's first
+    trainer = _trainer(runtime, tmp_path / "signalled", signalled, prefetch=True)
+    with PreemptionWatch() as watch:
+        got = [trainer.train_step(), trainer.train_step()]
+        for _ in range(500):  # on a loaded machine the worker may not have reached the read yet
+            if len(signalled.reads) >= 5:
+                break
+            threading.Event().wait(0.01)
+        assert watch.agreed() and watch.signal_name == "SIGTERM"
+    assert signalled.reads[4][1].startswith("megalign-prefetch")
+    trainer.close()  # the build under way is waited for and dropped
+    got += [trainer.train_step() for _ in range(3)]  # as a resumed run would: in place, the same packs
+    assert [(r.loss, r.grad_norm) for r in got] == [(r.loss, r.grad_norm) for r in expected]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "sequences", "tokens", "tokens_per_s", "tflops_per_gpu"}
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "sequences", "tokens", "tokens_per_s", "tflops_per_gpu", "dp_imbalance",
+               "host_seconds"}
 
 
 def train(*args):
