@@ -44,28 +44,30 @@ class Prefetcher:
             done.record(self._stream)
         return moved, done
 
-    def submit(self, key: Hashable, build: Callable[[], Sequence[Batch]]) -> None:
-        """Start building `key`'s batches in the background (dropping a prefetch nobody took)."""
+    def submit(self, owner: object, key: Hashable, build: Callable[[], Sequence[Batch]]) -> None:
+        """Start building `key`'s batches in the background (dropping a prefetch nobody took). `owner` (the batch
+        builder) is held until they are taken: a prefetch matches only the same object, never another one that
+        happens to reuse a freed one's id."""
         self.drop()
-        self._pending = (key, self._pool.submit(self._build, build))
+        self._pending = (owner, key, self._pool.submit(self._build, build))
 
-    def take(self, key: Hashable, build: Callable[[], Sequence[Batch]]) -> list[Batch]:
-        """`key`'s batches on the device: the prefetched ones if they are for `key`, else built now."""
+    def take(self, owner: object, key: Hashable, build: Callable[[], Sequence[Batch]]) -> list[Batch]:
+        """`key`'s batches on the device: the prefetched ones if `owner` asked for `key`, else built now."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == key:
-            batches, done = pending[1].result()  # re-raises what the build raised
+        if pending is not None and pending[0] is owner and pending[1] == key:
+            batches, done = pending[2].result()  # re-raises what the build raised
             if done is not None:
                 torch.cuda.current_stream(self.device).wait_event(done)
                 for b in batches:  # the caching allocator must not reuse them while this stream reads them
                     b.record_stream(torch.cuda.current_stream(self.device))
             return batches
         if pending is not None:
-            pending[1].cancel()
+            pending[2].cancel()
         return [b.to(self.device) for b in build()]
 
     def drop(self) -> None:
         if self._pending is not None:
-            self._pending[1].cancel()
+            self._pending[2].cancel()
             self._pending = None
 
     def close(self) -> None:

@@ -133,15 +133,15 @@ class Trainer:
     def micro_batches(self, mine: Sequence[PackRef], batches: BatchBuilder,
                       upcoming: Sequence[PackRef] | None = None) -> list[Batch]:
         """This rank's micro-batches for `mine` on the device (prefetched when they were), then the prefetch of
-        `upcoming`'s. The builder is in the key (and kept alive by the prefetch), so a prefetch by another
-        builder is never taken for this one's."""
+        `upcoming`'s. A prefetch belongs to its builder (held, compared by identity): another builder's, e.g. one
+        with another objective, is never taken for this one's."""
         started = time.perf_counter()
         if self.prefetcher is None:
             built = [batches.build(r).to(self.runtime.device) for r in mine]
         else:
-            built = self.prefetcher.take((id(batches), tuple(mine)), lambda: [batches.build(r) for r in mine])
+            built = self.prefetcher.take(batches, tuple(mine), lambda: [batches.build(r) for r in mine])
             if upcoming:
-                self.prefetcher.submit((id(batches), tuple(upcoming)), lambda: [batches.build(r) for r in upcoming])
+                self.prefetcher.submit(batches, tuple(upcoming), lambda: [batches.build(r) for r in upcoming])
         self.host_seconds += time.perf_counter() - started
         return built
 

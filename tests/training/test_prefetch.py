@@ -54,8 +54,8 @@ def test_prefetched_batches_are_the_plain_paths(cp, tp):
         built_on.append(threading.current_thread().name)
         return [builder.build(r) for r in refs]
 
-    prefetcher.submit(tuple(refs), build)
-    got = prefetcher.take(tuple(refs), lambda: pytest.fail("built again"))
+    prefetcher.submit(builder, tuple(refs), build)
+    got = prefetcher.take(builder, tuple(refs), lambda: pytest.fail("built again"))
     assert built_on[0].startswith("megalign-prefetch")  # it ran on the worker, not here
     for a, r in zip(got, refs, strict=True):
         _same(a, builder.build(r))
@@ -65,8 +65,8 @@ def test_prefetched_batches_are_the_plain_paths(cp, tp):
 def test_a_prefetch_for_other_packs_is_not_used():
     builder = _builder()
     prefetcher = Prefetcher("cpu")
-    prefetcher.submit((PackRef(0, 0),), lambda: [builder.build(PackRef(0, 0))])
-    got = prefetcher.take((PackRef(0, 1),), lambda: [builder.build(PackRef(0, 1))])
+    prefetcher.submit(builder, (PackRef(0, 0),), lambda: [builder.build(PackRef(0, 0))])
+    got = prefetcher.take(builder, (PackRef(0, 1),), lambda: [builder.build(PackRef(0, 1))])
     _same(got[0], builder.build(PackRef(0, 1)))
     where = []
 
@@ -74,7 +74,7 @@ def test_a_prefetch_for_other_packs_is_not_used():
         where.append(threading.current_thread().name)
         return [builder.build(PackRef(0, 0))]
 
-    prefetcher.take((PackRef(0, 0),), in_place)  # the first prefetch was dropped: built here, now
+    prefetcher.take(builder, (PackRef(0, 0),), in_place)  # the first prefetch was dropped: built here, now
     assert where == [threading.current_thread().name]
     prefetcher.close()
 
@@ -85,9 +85,9 @@ def test_an_error_while_prefetching_is_raised_where_the_batch_is_taken():
     def damaged():
         raise MegalignError("pack 3: token id 65535 is outside the model's vocabulary")
 
-    prefetcher.submit("step 2", damaged)
+    prefetcher.submit(None, "step 2", damaged)
     with pytest.raises(MegalignError, match="pack 3"):
-        prefetcher.take("step 2", lambda: pytest.fail("built again"))
+        prefetcher.take(None, "step 2", lambda: pytest.fail("built again"))
     prefetcher.close()
 
 
@@ -102,7 +102,7 @@ def test_close_waits_for_a_build_under_way_and_drops_it():
         return []
 
     prefetcher = Prefetcher("cpu")
-    prefetcher.submit("next", slow)
+    prefetcher.submit(None, "next", slow)
     started.wait(5)
     threading.Timer(0.2, release.set).start()
     prefetcher.close()  # returns once the build under way has ended; its result is never used
@@ -169,6 +169,18 @@ def _many_packs(n: int = 8) -> InMemoryPacks:
     return InMemoryPacks(out, vocab_size=VOCAB)
 
 
+def test_a_prefetch_is_taken_only_by_the_builder_that_asked_for_it():
+    """Same packs, another builder (another objective): not taken, even when the asker was freed and the new
+    builder could reuse its id (the bug this guards against: the layout tests' per-mode builders)."""
+    first, other = _builder(), _builder().replace(objective=SFT("token"))
+    prefetcher = Prefetcher("cpu")
+    refs = (PackRef(0, 0),)
+    prefetcher.submit(first, refs, lambda: [first.build(refs[0])])
+    got = prefetcher.take(other, refs, lambda: [other.build(refs[0])])
+    _same(got[0], other.build(refs[0]))
+    prefetcher.close()
+
+
 def test_training_with_prefetch_is_training_without(runtime, tmp_path):
     data = _many_packs()
     plain = _trainer(runtime, tmp_path / "plain", SlowPacks(data), prefetch=False)
@@ -203,3 +215,16 @@ def test_a_sigterm_while_prefetching_stops_after_the_step_and_loses_nothing(runt
     trainer.close()  # the build under way is waited for and dropped
     got += [trainer.train_step() for _ in range(3)]  # as a resumed run would: in place, the same packs
     assert [(r.loss, r.grad_norm) for r in got] == [(r.loss, r.grad_norm) for r in expected]
+
+
+def test_per_step_builders_with_prefetch_train_as_without(runtime, tmp_path):
+    """A new builder every step (another objective each time, as the layout tests step): each step's
+    micro-batches are its own builder's, so the losses are those of the plain path."""
+    data = _many_packs()
+    plain = _trainer(runtime, tmp_path / "plain", data, prefetch=False)
+    ahead = _trainer(runtime, tmp_path / "ahead", data, prefetch=True)
+    for mode in ("sequence", "token", "pack", "token", "sequence"):
+        a = plain.train_step(plain.batches.replace(objective=SFT(mode)))
+        b = ahead.train_step(ahead.batches.replace(objective=SFT(mode)))
+        assert (a.loss, a.grad_norm) == (b.loss, b.grad_norm), mode
+    ahead.close()
