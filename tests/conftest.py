@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -101,3 +102,21 @@ def dataset(tmp_path_factory, bpe_tokenizer_dir):
 def other_dataset(tmp_path_factory, bpe_tokenizer_dir):
     """Same tokenizer and shape of data as `dataset`, other samples."""
     return _example_dataset(tmp_path_factory.mktemp("other_training_data"), bpe_tokenizer_dir, seed=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(bpe_tokenizer_dir, tmp_path_factory):
+    """A random 2-layer Llama with the test BPE tokenizer (ChatML chat_template), saved as a HF directory."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    for f in Path(bpe_tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out

@@ -61,24 +61,6 @@ def test_unknown_tasks_are_named():
         tasks.make_items(["nope"], None, tasks.TaskOptions(max_length=512))
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model(bpe_tokenizer_dir, tmp_path_factory):
-    """A random 2-layer Llama with the test BPE tokenizer (ChatML chat_template), saved as a HF directory."""
-    import shutil
-
-    import torch
-    import transformers
-
-    out = tmp_path_factory.mktemp("tiny_hf")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    for f in Path(bpe_tokenizer_dir).iterdir():
-        shutil.copy(f, out / f.name)
-    return out
-
-
 def test_the_command_line_evaluates_a_needle_grid_with_the_hf_backend(tiny_hf_model, tmp_path):
     out = tmp_path / "eval"
     command = [sys.executable, "-m", "megalign.eval", "--model", str(tiny_hf_model), "--backend", "hf", "--tasks",

@@ -163,21 +163,10 @@ def test_preprocess_then_train_runs_through_the_dependency(slurm, bpe_tokenizer_
     assert f"--workers {usable}" in prep_log
 
 
-def test_a_signalled_evaluation_requeues_and_generates_only_the_missing_items(slurm, bpe_tokenizer_dir, tmp_path):
+def test_a_signalled_evaluation_requeues_and_generates_only_the_missing_items(slurm, tiny_hf_model, tmp_path):
     """The time limit's signal to eval.sbatch (--signal=B:USR1) mid-run: the task stops, the job requeues, the
     second attempt continues from OUT/items.jsonl: every item once, none generated twice."""
-    import shutil
-
-    import torch
-    import transformers
-
-    model = tmp_path / "hf"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    transformers.LlamaForCausalLM(config).save_pretrained(model)
-    for f in Path(bpe_tokenizer_dir).iterdir():
-        shutil.copy(f, model / f.name)
+    model = tiny_hf_model
     out = tmp_path / "eval"
     done = megalign_submit("eval", "--cluster", "local-cpu", "--", "--model", str(model), "--tasks", "needle",
                            "--max-length", "800", "--needle-lengths", "6", "--needle-depths", "6", "--device", "cpu",

@@ -15,6 +15,7 @@ from megalign.errors import MegalignError
 from megalign.training.batch import BatchBuilder
 from megalign.training.objective import SFT
 from megalign.training.prefetch import Prefetcher
+from tests.training.test_trainer_parts import packs
 
 VOCAB = 50
 
@@ -159,16 +160,6 @@ def _trainer(runtime, tmp_path, dataset, prefetch: bool):
     return Trainer(cfg, datasets=[dataset], runtime=runtime)
 
 
-def _many_packs(n: int = 8) -> InMemoryPacks:
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(n):
-        lengths = rng.integers(5, 60, size=rng.integers(1, 5))
-        total = int(lengths.sum())
-        out.append(Pack(rng.integers(0, VOCAB, total), (rng.random(total) < 0.6).astype(np.uint8), lengths))
-    return InMemoryPacks(out, vocab_size=VOCAB)
-
-
 def test_a_prefetch_is_taken_only_by_the_builder_that_asked_for_it():
     """Same packs, another builder (another objective): not taken, even when the asker was freed and the new
     builder could reuse its id (the bug this guards against: the layout tests' per-mode builders)."""
@@ -182,7 +173,7 @@ def test_a_prefetch_is_taken_only_by_the_builder_that_asked_for_it():
 
 
 def test_training_with_prefetch_is_training_without(runtime, tmp_path):
-    data = _many_packs()
+    data = packs(8, seed=1)
     plain = _trainer(runtime, tmp_path / "plain", SlowPacks(data), prefetch=False)
     ahead_data = SlowPacks(data)
     ahead = _trainer(runtime, tmp_path / "ahead", ahead_data, prefetch=True)
@@ -199,7 +190,7 @@ def test_a_sigterm_while_prefetching_stops_after_the_step_and_loses_nothing(runt
     agree to stop, close() returns; continuing gives the steps of a run never signalled."""
     from megalign.checkpoint.preemption import PreemptionWatch
 
-    data = _many_packs()
+    data = packs(8, seed=1)
     reference = _trainer(runtime, tmp_path / "reference", SlowPacks(data), prefetch=False)
     expected = [reference.train_step() for _ in range(5)]
     signalled = SlowPacks(data, signal_at=5)  # reads: step 1 (2, in place), step 2 (2, ahead), step 3's first
@@ -220,7 +211,7 @@ def test_a_sigterm_while_prefetching_stops_after_the_step_and_loses_nothing(runt
 def test_per_step_builders_with_prefetch_train_as_without(runtime, tmp_path):
     """A new builder every step (another objective each time, as the layout tests step): each step's
     micro-batches are its own builder's, so the losses are those of the plain path."""
-    data = _many_packs()
+    data = packs(8, seed=1)
     plain = _trainer(runtime, tmp_path / "plain", data, prefetch=False)
     ahead = _trainer(runtime, tmp_path / "ahead", data, prefetch=True)
     for mode in ("sequence", "token", "pack", "token", "sequence"):
