@@ -1,12 +1,13 @@
 """Peak memory (RSS) of tools/preprocess_data.py at two corpus sizes, --scale times apart (default 10).
 
-The corpus is the LongAlign-like synthetic mix of megalign.data.synthetic: --long long retrieval records of
---min-words..--max-words words plus --short short chats for the small corpus, --scale times both for the large
-one, and a byte-level BPE tokenizer trained here once. The small corpus is big enough (a few dozen 4 MiB chunks)
-for the pipeline's window of chunks in flight to fill, so that both sizes are in steady state. Each corpus is
-preprocessed by
+The corpus is a synthetic mix of megalign.data.synthetic: --records chat (default), LongAlign-like long
+retrieval records of --min-words..--max-words words plus --short short chats; --records text, {"text": ...}
+documents, long "books" and "code files" of --min-words..--max-words words plus short notes; --long and --short
+records for the small corpus, --scale times both for the large one, and a byte-level BPE tokenizer trained here
+once. The small corpus is big enough (a few dozen 4 MiB chunks) for the pipeline's window of chunks in flight to
+fill, so that both sizes are in steady state. Each corpus is preprocessed by
 
-  python tools/preprocess_data.py --input long.jsonl short.jsonl --chat-template chatml --seq-length 65536
+  python tools/preprocess_data.py --input long.jsonl short.jsonl [--chat-template chatml] --seq-length 65536
                                   --workers 2 --no-progress ...
 
 as a subprocess, while this script polls the process tree every --interval seconds (default 0.02) with psutil:
@@ -17,7 +18,7 @@ be close to 1 (memory bounded by the number of samples, not of tokens). `main an
 less its file-backed pages (psutil `shared`): the sample store memory-mapped back while writing is file-backed
 and counts in RSS. Memory is near-deterministic, so one run per size is reported.
 
-  /work/venv/bin/python bench/preprocess_memory.py [--long 200 --short 4000 --scale 10]
+  /work/venv/bin/python bench/preprocess_memory.py [--records chat|text --long 200 --short 4000 --scale 10]
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ MiB = 1 << 20
 def build_corpus(directory: Path, n_long: int, n_short: int, args) -> list[str]:
     from megalign.data import synthetic
 
-    paths = synthetic.make_example(directory, n_long, n_short, args.min_words, args.max_words, args.seed)
+    make = synthetic.make_text_example if args.records == "text" else synthetic.make_example
+    paths = make(directory, n_long, n_short, args.min_words, args.max_words, args.seed)
     return [str(paths["long"]), str(paths["short"])]
 
 
@@ -67,9 +69,11 @@ def poll_peaks(proc: subprocess.Popen, interval: float) -> dict:
         tree = mem.rss
         for child in children:
             try:
-                if child.pid not in workers and child.pid not in others:
+                # a spawned worker shows its parent's command line until it execs: look again until it is one
+                if child.pid not in workers:
                     if is_worker(child):
                         workers[child.pid] = child
+                        others.pop(child.pid, None)
                     else:
                         others[child.pid] = " ".join(child.cmdline())[:100]
                 if child.pid in workers:
@@ -87,8 +91,9 @@ def poll_peaks(proc: subprocess.Popen, interval: float) -> dict:
 
 
 def run_preprocess(inputs: list[str], tokenizer: str, prefix: Path, args) -> dict:
+    template = [] if args.records == "text" else ["--chat-template", "chatml"]
     cmd = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", *inputs, "--tokenizer", tokenizer,
-           "--chat-template", "chatml", "--seq-length", "65536", "--output-prefix", str(prefix),
+           *template, "--seq-length", "65536", "--output-prefix", str(prefix),
            "--workers", str(args.workers), "--no-progress", "--overwrite"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
@@ -123,8 +128,9 @@ def table(rows: list[tuple[str, int, dict]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", choices=("chat", "text"), default="chat", help="the kind of record (default chat)")
     p.add_argument("--long", type=int, default=200, help="long records in the small corpus (default 200)")
-    p.add_argument("--short", type=int, default=4000, help="short chats in the small corpus (default 4000)")
+    p.add_argument("--short", type=int, default=4000, help="short records in the small corpus (default 4000)")
     p.add_argument("--scale", type=int, default=10, help="the large corpus is this many times the small (default 10)")
     p.add_argument("--min-words", type=int, default=2000)
     p.add_argument("--max-words", type=int, default=30000)
@@ -155,7 +161,7 @@ def main() -> None:
             rows.append((label, n_long + n_short, peaks))
             for path in inputs:  # keep the disk footprint to one corpus at a time
                 os.remove(path)
-        print(f"{code_state()}; --workers {args.workers}, polled every {args.interval * 1000:.0f} ms; corpus = "
+        print(f"{code_state()}; --workers {args.workers}, polled every {args.interval * 1000:.0f} ms; {args.records} corpus = "
               f"{args.long} long ({args.min_words}-{args.max_words} words) + {args.short} short records, "
               f"times {args.scale} for large\n")
         print(table(rows))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""JSONL chats -> packed, indexed binaries. See `--help` and megalign/data/preprocess.py."""
+"""JSONL chats or text documents -> packed, indexed binaries. See `--help` and megalign/data/preprocess.py."""
 
 import os
 import sys

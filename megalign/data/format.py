@@ -3,6 +3,8 @@
   PREFIX.bin / PREFIX.idx                      megatron-core IndexedDataset of token ids: one sequence per
                                                sample, one document per pack
   PREFIX_loss_mask.bin / PREFIX_loss_mask.idx  the same structure, uint8, 1 where a token is a target
+  PREFIX_position_offsets.npy                  text records with positions continue only: int64, one per
+                                               sequence (in .idx order), where its position ids start
   PREFIX.json                                  metadata: version, tokenizer, counts, stats, sizes, checksums
   PREFIX.rejects.jsonl                         every rejected record: input, line, reason (a report, not data)
 Each is a symlink into the version directory that .NAME.current points at (writer.py: how publishing is atomic);
@@ -17,6 +19,8 @@ from pathlib import Path
 FORMAT_VERSION = 1
 LOSS_MASK_SUFFIX = "_loss_mask"
 DATA_SUFFIXES = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
+POSITION_OFFSETS_SUFFIX = "_position_offsets.npy"
+OPTIONAL_SUFFIXES = (POSITION_OFFSETS_SUFFIX,)  # data files only some datasets have
 META_SUFFIX = ".json"
 REJECTS_SUFFIX = ".rejects.jsonl"
 LOCK_SUFFIX = ".lock"
@@ -24,6 +28,14 @@ LOCK_SUFFIX = ".lock"
 
 def data_files(prefix: str) -> list[Path]:
     return [Path(prefix + s) for s in DATA_SUFFIXES]
+
+
+def optional_files(prefix: str) -> list[Path]:
+    return [Path(prefix + s) for s in OPTIONAL_SUFFIXES]
+
+
+def position_offsets_file(prefix: str) -> Path:
+    return Path(prefix + POSITION_OFFSETS_SUFFIX)
 
 
 def meta_file(prefix: str) -> Path:

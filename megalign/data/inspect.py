@@ -13,14 +13,22 @@ def describe(ds: PackedDataset) -> str:
     lengths = ds.sample_lengths
     pack_lengths = ds.pack_lengths()
     rejected = sum(c["rejected"].values())
+    if m.get("record_kind") == "text":
+        d = m["documents"]
+        kind = (f"text documents (BOS {d['bos_id']}, EOS {d['eos_id']}; overlength {m['overlength']}, min piece "
+                f"{d['min_piece_length']}, positions {d['positions']}, largest position {d['max_position'] - 1})")
+    else:
+        kind = f"template {m['chat_template']}"
     lines = [
         f"dataset      {ds.prefix} (format v{m['format_version']}, {m['created_by']})",
         f"tokenizer    {m['tokenizer']['kind']} {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']}, "
-        f"sha256 {m['tokenizer']['sha256'][:12]}), template {m['chat_template']}",
+        f"sha256 {m['tokenizer']['sha256'][:12]}), {kind}",
         f"packing      {m['packing']['strategy']} at {m['seq_length']} tokens, seed {m['packing']['seed']}",
         f"records      read {c['read']}, kept {c['kept']}, rejected {rejected}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in c['rejected'].items())})" if rejected else "")
-        + f", sampled out {c['sampled_out']}, duplicated {c['duplicated']}, truncated {c['truncated']}",
+        + f", sampled out {c['sampled_out']}, duplicated {c['duplicated']}, truncated {c['truncated']}"
+        + (f"; {c['split']} documents split into pieces, {c['tails_dropped']} tails dropped "
+           f"({c['tail_tokens_dropped']} tokens)" if "split" in c else ""),
     ]
     for i in m["inputs"]:
         lines.append(f"  input      {i['path']} x{i['ratio']}: read {i['read']}, kept {i['kept']}, "

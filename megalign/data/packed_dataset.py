@@ -1,5 +1,5 @@
-"""Read a packed dataset (format v1): pack k as tokens, loss mask and per-sample lengths (a `PackSource`, see
-source.py).
+"""Read a packed dataset (format v1): pack k as tokens, loss mask, per-sample lengths and, for documents whose
+pieces continue each other's positions, per-sample position offsets (a `PackSource`, see source.py).
 
 Opening validates the metadata version, the file sizes and (by default) the checksums, so that a truncated,
 mismatched or half-written dataset is a clear error instead of a crash deep inside training.
@@ -22,6 +22,8 @@ class Pack:
     tokens: np.ndarray  # [t] token ids of the pack's samples, concatenated
     loss_mask: np.ndarray  # [t] uint8
     lengths: np.ndarray  # [n] per-sample lengths, sum == t
+    # [n] where each sample's position ids start (pieces of one document that continue its positions); None: 0
+    position_offsets: np.ndarray | None = None
 
 
 class PackedDataset:
@@ -35,6 +37,9 @@ class PackedDataset:
         _verify_files(self.prefix, self.meta, verify)
         self._tokens = IndexedDataset(self.prefix)
         self._mask = IndexedDataset(self.prefix + fmt.LOSS_MASK_SUFFIX)
+        self._offsets = None
+        if self.meta.get("documents", {}).get("positions") == "continue":
+            self._offsets = _read_position_offsets(self.prefix)
         self._check_structure()
 
     def _check_structure(self) -> None:
@@ -48,6 +53,8 @@ class PackedDataset:
             tokens.document_indices, mask.document_indices
         ):
             problems.append("token and loss-mask indexes differ")
+        if self._offsets is not None and len(self._offsets) != len(tokens):
+            problems.append(f"{len(self._offsets)} position offsets for {len(tokens)} sequences")
         if problems:
             raise MegalignError(f"dataset {self.prefix} is inconsistent: {'; '.join(problems)}")
 
@@ -96,7 +103,19 @@ class PackedDataset:
         lengths = self.sample_lengths[first:last]
         tokens = np.concatenate(self._tokens[first:last])
         loss_mask = np.concatenate(self._mask[first:last])
-        return Pack(tokens, loss_mask, np.asarray(lengths))
+        offsets = None if self._offsets is None else np.asarray(self._offsets[first:last], dtype=np.int64)
+        return Pack(tokens, loss_mask, np.asarray(lengths), offsets)
+
+
+def _read_position_offsets(prefix: str) -> np.ndarray:
+    path = fmt.position_offsets_file(prefix)
+    if not path.is_file():
+        raise MegalignError(f"{path} is missing: the metadata says the positions continue across pieces, and this "
+                            f"file holds where each piece's positions start (the dataset at {prefix} is incomplete)")
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise MegalignError(f"{path} is not a numpy array file ({e}); re-run preprocessing") from None
 
 
 def read_metadata(prefix: str) -> dict:

@@ -1,5 +1,9 @@
 """Position ids of a pack's tokens: contiguous (0, 1, ... per sample) or SkipAlign's synthesized positions.
 
+Either way a sample's positions start at its position offset: 0, except for the pieces of a long document
+preprocessed with `--positions continue`, whose offsets (k * pack length for piece k, stored with the dataset)
+make each piece's positions continue where the previous piece's ended.
+
 SkipAlign (Wu et al. 2024, "Long Context Alignment with Short Instructions and Synthesized Positions") teaches
 long-context behaviour with short samples: each sample's position ids keep increasing by one inside a segment
 and skip ahead at segment boundaries, so that the relative distances RoPE sees between a sample's tokens reach
@@ -45,11 +49,17 @@ from megalign.config import POSITIONS
 _STREAM = 0x534B4950  # "SKIP": keeps these seeds apart from the sampler's ([seed, dataset, epoch])
 
 
-def contiguous_positions(lengths) -> np.ndarray:
-    """0, 1, ... restarting at every sample: [sum(lengths)] int64."""
+def contiguous_positions(lengths, offsets=None) -> np.ndarray:
+    """0, 1, ... restarting at every sample (at offsets[i] for sample i, when given): [sum(lengths)] int64."""
     lengths = np.asarray(lengths, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    positions = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    return positions if offsets is None else with_offsets(positions, lengths, offsets)
+
+
+def with_offsets(positions: np.ndarray, lengths, offsets) -> np.ndarray:
+    """Positions of samples that start at 0, moved to start at each sample's offset."""
+    return positions + np.repeat(np.asarray(offsets, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
 
 
 def segment_starts(loss_mask, lengths) -> np.ndarray:
@@ -118,9 +128,12 @@ def skipalign_positions(loss_mask, lengths, window: int, rng: np.random.Generato
 def pack_positions(pack, positions: str, window: int, fraction: float, seed: int, dataset: int, index: int,
                    epoch: int) -> np.ndarray | None:
     """Position ids of `pack` (a packed_dataset.Pack), pack `index` of dataset `dataset` in `epoch`, for
-    data.positions = `positions`; None for contiguous (thd_batch's own)."""
+    data.positions = `positions`, from each sample's position offset; None for contiguous (thd_batch's own, which
+    adds the offsets itself)."""
     if positions == "contiguous":
         return None
     if positions != "skipalign":
         raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
-    return skipalign_positions(pack.loss_mask, pack.lengths, window, pack_rng(seed, dataset, index, epoch), fraction)
+    drawn = skipalign_positions(pack.loss_mask, pack.lengths, window, pack_rng(seed, dataset, index, epoch), fraction)
+    offsets = getattr(pack, "position_offsets", None)
+    return drawn if offsets is None else with_offsets(drawn, pack.lengths, offsets)

@@ -1,52 +1,53 @@
-"""JSONL chats -> packed, indexed binaries (format v1). The library behind tools/preprocess_data.py.
+"""JSONL records (chats or text documents) -> packed, indexed binaries (format v1). The library behind
+tools/preprocess_data.py and tools/merge_data.py.
 
 Three passes, memory bounded by the number of samples (lengths), never by the number of tokens:
   1. read lines, decide each record's copies from the mixing ratios (seeded per record), and in worker
-     processes parse, validate, apply the chat template and tokenize; spill kept samples to a scratch store,
-     rejected records to PREFIX.rejects.jsonl
+     processes parse, validate, apply the chat template (chats) or BOS/EOS (documents) and tokenize; spill kept
+     samples (a long document as its pack-length pieces) to a scratch store, rejected records to the rejects
+     (encoding.py)
   2. pack the sample lengths
-  3. write the packs (megatron-core IndexedDatasetBuilder) and the metadata into a new version directory, then
-     publish it with one atomic rename: PREFIX is the previous complete dataset or the new one, never neither
-     (writer.py describes the layout).
-Records are handed out in fixed-size chunks and collected in order, so the output is byte-identical for any
-number of workers.
+  3. write the packs (megatron-core's IndexedDataset files, indexed.py: no torch import) and the metadata into
+     a new version directory, then publish it with one atomic rename: PREFIX is the previous complete dataset or
+     the new one, never neither (writer.py describes the layout).
+A record's kind (chat or text) comes from its keys; one input holds one kind and one run one kind (records.py).
+With `shard` (I, N), a run does pass 1 for its share of the records only and publishes it as a part
+(shards.py); `merge` does passes 2 and 3 over the N parts: the same dataset, byte for byte, as one run.
 
 A run holds PREFIX.lock throughout, so a second run on the prefix fails instead of mixing files; holding it, a
 run removes the version and scratch directories that killed runs left. A bad record is a rejected record with
-its reason, never the end of the run; a file that cannot be read (a truncated .gz) is a MegalignError.
+its reason, never the end of the run; a file that cannot be read (a truncated .gz) is a MegalignError, and so
+is a record of the other kind than its input's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
-import multiprocessing
 import os
 import shutil
-import threading
 import time
-from array import array
-from collections import Counter, deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 import megalign
 from megalign.data import format as fmt
-from megalign.data import packing, stats, writer
-from megalign.data.records import OversizedLine, RecordRejected, RejectReason, open_lines, parse_record
+from megalign.data import packing, shards, stats, writer
+from megalign.data.documents import POSITION_MODES, DocumentEncoder
+from megalign.data.encoding import tokenize_records
+from megalign.data.indexed import optimal_token_dtype
+from megalign.data.records import CHAT, TEXT, input_kind
 from megalign.data.sample_store import SampleStore
+from megalign.data.shards import Part, PartCollector
+from megalign.data.stats import InputCounts
 from megalign.data.templates import TEMPLATE_NAMES, make_encoder
 from megalign.data.tokenizer import load_tokenizer
 from megalign.errors import MegalignError, OptionError
 
-OVERLENGTH_POLICIES = ("drop", "truncate")
-CHUNK_RECORDS = 64
-CHUNK_BYTES = 4 << 20
+OVERLENGTH_POLICIES = ("drop", "truncate", "split")  # split: text records only
 MAX_SEQ_LENGTH = 2**31 - 1  # megatron's .idx stores sequence lengths as int32
 
 
@@ -54,19 +55,24 @@ MAX_SEQ_LENGTH = 2**31 - 1  # megatron's .idx stores sequence lengths as int32
 class PreprocessOptions:
     inputs: list[str]
     tokenizer: str
-    chat_template: str
     seq_length: int
     output_prefix: str
+    chat_template: str | None = None  # chat records: the template (templates.py); text records take none
     packing: str = "bfd"
     ratios: list[float] | None = None  # per input: expected copies of each record (0.5 keeps half, 2 doubles)
     group_size: int = 8  # samples per group for `sorted`
-    overlength: str = "drop"
+    overlength: str | None = None  # a sample longer than seq_length; None: drop (chat), split (text)
+    min_piece_length: int | None = None  # text: a split document's last piece is dropped below this; None: 2
+    positions: str = "restart"  # text: each piece's positions restart at 0, or continue the document's
     max_reject_fraction: float = 0.01
     workers: int = 1
     seed: int = 1234
     max_record_bytes: int = 64 << 20  # a longer line is rejected unread (memory stays bounded)
+    shard: tuple[int, int] | None = None  # (I, N): tokenize shard I of N into a part; tools/merge_data.py joins them
+    shard_block_lines: int = 64  # shards take turns in blocks of this many lines (shards.py)
     overwrite: bool = False
     progress: bool | None = None  # None: only on a terminal
+    _kinds: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def validate(self) -> None:
         """Every option error, before any work, as one line naming the option and what would work."""
@@ -87,7 +93,9 @@ class PreprocessOptions:
                 raise OptionError("ratios", f"{self.ratios}: each must be a finite number >= 0 (1 keeps an input as is)")
             if not any(self.ratios):
                 raise OptionError("ratios", f"{self.ratios} are all 0, which keeps nothing; give at least one > 0")
-        if self.chat_template not in TEMPLATE_NAMES:
+        if self.max_record_bytes < 1:
+            raise OptionError("max_record_bytes", f"must be at least 1, got {self.max_record_bytes}")
+        if self.chat_template is not None and self.chat_template not in TEMPLATE_NAMES:
             raise OptionError("chat_template", f"{self.chat_template!r} is unknown; valid: {', '.join(TEMPLATE_NAMES)}")
         if self.packing not in packing.STRATEGIES:
             raise OptionError("packing", f"{self.packing!r} is unknown; valid: {', '.join(packing.STRATEGIES)}")
@@ -97,8 +105,7 @@ class PreprocessOptions:
             raise OptionError("seq_length", f"must be at most 2**31-1 ({MAX_SEQ_LENGTH}), got {self.seq_length}")
         if self.group_size < 1:
             raise OptionError("group_size", f"must be at least 1, got {self.group_size}")
-        if self.overlength not in OVERLENGTH_POLICIES:
-            raise OptionError("overlength", f"{self.overlength!r} is unknown; valid: {', '.join(OVERLENGTH_POLICIES)}")
+        self._validate_for_kind(self.record_kind())
         if not 0 <= self.max_reject_fraction <= 1:
             raise OptionError("max_reject_fraction", f"must be in [0, 1], got {self.max_reject_fraction}")
         if self.workers < 1:
@@ -106,8 +113,10 @@ class PreprocessOptions:
         cpus = available_cpus()
         if self.workers > cpus:
             raise OptionError("workers", f"is {self.workers}, but this process may use {cpus} CPUs; give at most {cpus}")
-        if self.max_record_bytes < 1:
-            raise OptionError("max_record_bytes", f"must be at least 1, got {self.max_record_bytes}")
+        if self.shard is not None:
+            shards.check_shard(*self.shard)
+        if self.shard_block_lines < 1:
+            raise OptionError("shard_block_lines", f"must be at least 1, got {self.shard_block_lines}")
         prefix = self.output_prefix
         if prefix.endswith(("/", os.sep)):
             raise OptionError("output_prefix", f"{prefix} ends with a slash; it names files, not a directory: give "
@@ -120,26 +129,105 @@ class PreprocessOptions:
         self._check_outputs_spare_inputs()
         self.check_prefix_free()
 
+    def input_kinds(self) -> list[tuple[str | None, int | None]]:
+        """Per input: its kind of record and the first line that shows it ((None, None): no record has a kind)."""
+        if self._kinds is None:
+            self._kinds = [input_kind(path, self.max_record_bytes) for path in self.inputs]
+        return self._kinds
+
+    def record_kind(self) -> str:
+        """The one kind of record of all inputs (CHAT when none has a recognisable record: all are rejects)."""
+        found = {}
+        for path, (kind, line) in zip(self.inputs, self.input_kinds()):
+            if kind is not None:
+                found.setdefault(kind, (path, line))
+        if len(found) > 1:
+            (chat_path, chat_line), (text_path, text_line) = found[CHAT], found[TEXT]
+            raise OptionError("inputs", f"mix chat records ({chat_path}, line {chat_line}) and text records "
+                              f"({text_path}, line {text_line}): one run makes one kind of dataset; preprocess each "
+                              "kind into its own prefix and mix them in training (data.path=[A, B], "
+                              "data.weights=[...])")
+        return next(iter(found), CHAT)
+
+    def _validate_for_kind(self, kind: str) -> None:
+        """The options that depend on the kind of record: chats need a template, documents take the piece options."""
+        example = next((p for p, (k, _) in zip(self.inputs, self.input_kinds()) if k == kind), self.inputs[0])
+        policies = OVERLENGTH_POLICIES if kind == TEXT else OVERLENGTH_POLICIES[:2]
+        if self.overlength is not None and self.overlength not in policies:
+            raise OptionError("overlength", f"{self.overlength!r} is unknown; valid: {', '.join(policies)}"
+                              + (" (split is for text records)" if self.overlength == "split" else ""))
+        if kind == CHAT:
+            if self.chat_template is None:
+                raise OptionError("chat_template", f"is needed for chat records ({example}); valid: "
+                                  f"{', '.join(TEMPLATE_NAMES)}")
+            for name, value, default in (("min_piece_length", self.min_piece_length, None),
+                                         ("positions", self.positions, "restart")):
+                if value != default:
+                    raise OptionError(name, f"is for text records (documents cut into pieces); {example} "
+                                      "holds chats, which are never cut: leave it out")
+            return
+        if self.chat_template is not None:
+            raise OptionError("chat_template", f"is for chat records; {example} holds text records (BOS + text "
+                              "+ EOS, loss on every token): leave it out")
+        if self.positions not in POSITION_MODES:
+            raise OptionError("positions", f"{self.positions!r} is unknown; valid: {', '.join(POSITION_MODES)}")
+        if self.positions == "continue" and self.resolved_overlength() != "split":
+            raise OptionError("positions", "continue needs {overlength} split (the pieces of one document continue "
+                              "each other's positions)", mentions=("overlength",))
+        minimum = self.resolved_min_piece_length()
+        if not 2 <= minimum <= self.seq_length:
+            raise OptionError("min_piece_length", f"must be in [2, {self.seq_length}] (the seq_length; a piece of one "
+                              f"token has nothing to train on), got {minimum}")
+
+    def resolved_overlength(self) -> str:
+        return self.overlength or ("split" if self.record_kind() == TEXT else "drop")
+
+    def resolved_min_piece_length(self) -> int | None:
+        if self.record_kind() != TEXT:
+            return None
+        return 2 if self.min_piece_length is None else self.min_piece_length
+
+    def shard_prefix(self) -> str:
+        """Where this run's shard part goes (shard runs only)."""
+        return shards.shard_prefix(self.output_prefix, *self.shard)
+
     def _check_outputs_spare_inputs(self) -> None:
-        """No output file may be an input: writing it would destroy the input (e.g. inputs x.json, prefix x)."""
-        inputs = {}
-        for path in self.inputs:
-            for form in (os.path.abspath(path), os.path.realpath(path)):
-                inputs.setdefault(form, path)
-        for out in fmt.all_files(self.output_prefix) + [fmt.lock_file(self.output_prefix)]:
-            hit = inputs.get(os.path.abspath(out)) or inputs.get(os.path.realpath(out))
-            if hit is None and out.exists():  # hard links, bind mounts
-                hit = next((i for i in self.inputs if os.path.samefile(i, out)), None)
-            if hit is not None:
-                raise OptionError("output_prefix", f"{self.output_prefix} would write {out}, which is the input {hit}; "
-                                  "choose a prefix whose files are not among the {inputs}", mentions=("inputs",))
+        check_outputs_spare_inputs(self.output_prefix, self.inputs)
 
     def check_prefix_free(self) -> None:
-        """Refuse an existing dataset unless overwrite. A failed run's rejects file alone is no dataset."""
-        existing = [str(p) for p in fmt.data_files(self.output_prefix) + [fmt.meta_file(self.output_prefix)] if p.exists()]
-        if existing and not self.overwrite:
-            raise OptionError("output_prefix", f"{self.output_prefix} exists ({existing[0]}); set {{overwrite}} to replace it",
-                              mentions=("overwrite",))
+        """Refuse an existing dataset (a shard: its part) unless overwrite. A failed run's rejects file alone is no
+        dataset."""
+        if self.shard is not None:
+            part = Path(self.shard_prefix())
+            if part.exists() and not self.overwrite:
+                raise OptionError("output_prefix", f"shard {self.shard[0]}/{self.shard[1]} of {self.output_prefix} "
+                                  f"exists ({part}); set {{overwrite}} to replace it", mentions=("overwrite",))
+            return
+        check_dataset_free(self.output_prefix, self.overwrite)
+
+
+def check_outputs_spare_inputs(prefix: str, inputs: list[str]) -> None:
+    """No output file may be an input: writing it would destroy the input (e.g. inputs x.json, prefix x)."""
+    forms = {}
+    for path in inputs:
+        for form in (os.path.abspath(path), os.path.realpath(path)):
+            forms.setdefault(form, path)
+    outputs = fmt.all_files(prefix) + fmt.optional_files(prefix)
+    for out in outputs + [fmt.lock_file(prefix)]:
+        hit = forms.get(os.path.abspath(out)) or forms.get(os.path.realpath(out))
+        if hit is None and out.exists():  # hard links, bind mounts
+            hit = next((i for i in inputs if os.path.exists(i) and os.path.samefile(i, out)), None)
+        if hit is not None:
+            raise OptionError("output_prefix", f"{prefix} would write {out}, which is the input {hit}; "
+                              "choose a prefix whose files are not among the {inputs}", mentions=("inputs",))
+
+
+def check_dataset_free(prefix: str, overwrite: bool) -> None:
+    """Refuse an existing dataset at `prefix` unless overwrite. A failed run's rejects file alone is no dataset."""
+    existing = [str(p) for p in fmt.data_files(prefix) + [fmt.meta_file(prefix)] if p.exists()]
+    if existing and not overwrite:
+        raise OptionError("output_prefix", f"{prefix} exists ({existing[0]}); set {{overwrite}} to replace it",
+                          mentions=("overwrite",))
 
 
 def available_cpus() -> int:
@@ -150,218 +238,84 @@ def available_cpus() -> int:
 
 
 @dataclass
-class InputCounts:
-    path: str
-    ratio: float
-    read: int = 0
-    kept: int = 0
-    duplicated: int = 0
-    sampled_out: int = 0
-    truncated: int = 0
-    blank_lines: int = 0
-    rejected: Counter = field(default_factory=Counter)
-
-    def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("path", "ratio", "read", "kept", "duplicated", "sampled_out", "truncated", "blank_lines")}
-        d["rejected"] = dict(sorted(self.rejected.items()))
-        return d
+class MergeOptions:
+    output_prefix: str  # the dataset the shards' parts become (the --output-prefix the shards ran with)
+    overwrite: bool = False
+    keep_shards: bool = False  # keep the parts after the merge (default: removed once the dataset is published)
+    progress: bool | None = None
 
 
 @dataclass
 class PreprocessResult:
-    prefix: str
-    metadata: dict
+    prefix: str  # the dataset's PREFIX, or a shard run's part directory
+    metadata: dict  # the dataset's PREFIX.json; a shard run's: its counts and token totals
     seconds: float
+    shard: tuple[int, int] | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.metadata["num_tokens"] / max(self.seconds, 1e-9)
 
 
-# ---------------------------------------------------------------------------------------------- pass 1: tokenize
-
-def copies_of(seed: int, input_index: int, line_no: int, ratio: float) -> int:
-    """How many times a record enters the dataset: floor(ratio), plus one with probability frac(ratio).
-
-    Seeded per record, so the choice does not depend on chunking, worker count or the other records.
-    """
-    whole = int(ratio)
-    fraction = ratio - whole
-    if fraction == 0:
-        return whole
-    digest = hashlib.blake2b(f"{seed}:{input_index}:{line_no}".encode(), digest_size=8).digest()
-    return whole + (int.from_bytes(digest, "little") / 2**64 < fraction)
-
-
-_worker_state: dict = {}
-
-
-def _init_worker(tokenizer_path: str, template: str, seq_length: int, overlength: str, token_dtype) -> None:
-    tokenizer = load_tokenizer(tokenizer_path)
-    # What a template may raise on one record's content (raise_exception, a missing key): that record's reject.
-    record_errors = ()
-    if template == "hf":
-        import jinja2
-
-        record_errors = (jinja2.exceptions.TemplateError,)
-    _worker_state.update(encoder=make_encoder(template, tokenizer), seq_length=seq_length, overlength=overlength,
-                         token_dtype=token_dtype, record_errors=record_errors)
-
-
-def _encode_each(encoder, parsed: list, record_errors: tuple) -> list:
-    """Samples of `parsed`, batched; when the template raises, one by one, with the error in a failed one's place."""
-    try:
-        return encoder.encode_many(parsed)
-    except record_errors:
-        pass
-    samples = []
-    for conv in parsed:
-        try:
-            samples.append(encoder.encode_many([conv])[0])
-        except record_errors as e:
-            samples.append(e)
-    return samples
-
-
-def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
-    """(input, line, raw) records -> ("ok", input, line, tokens, packed mask bits, truncated)
-    | ("reject", input, line, reason, detail)."""
-    encoder, seq_length, overlength = _worker_state["encoder"], _worker_state["seq_length"], _worker_state["overlength"]
-    outcomes: list = [None] * len(chunk)
-    parsed, where = [], []
-    for k, (input_index, line_no, raw) in enumerate(chunk):
-        if isinstance(raw, OversizedLine):
-            outcomes[k] = ("reject", input_index, line_no, RejectReason.TOO_LARGE.value,
-                           f"{raw.size} bytes > max_record_bytes {raw.limit} (raise it if records this large are expected)")
-            continue
-        try:
-            parsed.append(parse_record(raw))
-            where.append(k)
-        except RecordRejected as e:
-            outcomes[k] = ("reject", input_index, line_no, e.reason.value, e.detail)
-    for k, sample in zip(where, _encode_each(encoder, parsed, _worker_state["record_errors"])):
-        input_index, line_no, _ = chunk[k]
-        if isinstance(sample, Exception):
-            detail = " ".join(f"the chat template raised {type(sample).__name__}: {sample}".split())
-            outcomes[k] = ("reject", input_index, line_no, RejectReason.TEMPLATE_ERROR.value, detail[:500])
-            continue
-        tokens, mask, truncated = sample.tokens, sample.loss_mask, False
-        if len(tokens) > seq_length:
-            if overlength == "drop":
-                outcomes[k] = ("reject", input_index, line_no, RejectReason.TOO_LONG.value,
-                               f"{len(tokens)} tokens > seq_length {seq_length} (overlength truncate keeps a prefix)")
-                continue
-            tokens, mask, truncated = tokens[:seq_length], mask[:seq_length], True
-        if not mask[1:].any():  # the first token is never a target
-            outcomes[k] = ("reject", input_index, line_no, RejectReason.NO_LOSS_TOKENS.value,
-                           "no assistant token left to train on" + (" after truncation" if truncated else ""))
-            continue
-        # Small on the wire back to the main process: tokens in the file's dtype, the mask as bits.
-        outcomes[k] = ("ok", input_index, line_no, tokens.astype(_worker_state["token_dtype"]), np.packbits(mask),
-                       truncated)
-    return outcomes
-
-
-def _chunks(opts: PreprocessOptions, counts: list[InputCounts]) -> Iterator[tuple[list, list[int]]]:
-    """Chunks of records to tokenize, each with the copies of its records. Counts reads and ratio drops."""
-    chunk, copies, size = [], [], 0
-    for input_index, path in enumerate(opts.inputs):
-        c = counts[input_index]
-        for line_no, raw in enumerate(open_lines(path, opts.max_record_bytes), start=1):
-            if isinstance(raw, bytes) and not raw.strip():
-                c.blank_lines += 1
-                continue
-            c.read += 1
-            n = copies_of(opts.seed, input_index, line_no, c.ratio)
-            if n == 0:
-                c.sampled_out += 1
-                continue
-            chunk.append((input_index, line_no, raw))
-            copies.append(n)
-            size += len(raw) if isinstance(raw, bytes) else 0
-            if len(chunk) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
-                yield chunk, copies
-                chunk, copies, size = [], [], 0
-    if chunk:
-        yield chunk, copies
-
-
-def _map_in_order(opts: PreprocessOptions, token_dtype, chunks: Iterator[tuple[list, list[int]]]) -> Iterator[tuple[list, list[int]]]:
-    """Tokenize chunks in worker processes (or in-process for one worker), yielding results in input order."""
-    init_args = (opts.tokenizer, opts.chat_template, opts.seq_length, opts.overlength, token_dtype)
-    if opts.workers == 1:
-        _init_worker(*init_args)
-        for chunk, copies in chunks:
-            yield _tokenize_chunk(chunk), copies
-        return
-    # spawn: workers import only the tokenizer stack (never torch), and no Rust thread pool is forked.
-    # A bounded window of chunks in flight keeps memory flat (Pool.imap would read the whole input ahead).
-    ctx = multiprocessing.get_context("spawn")
-    in_flight: deque = deque()
-    with ctx.Pool(opts.workers, initializer=_init_worker, initargs=init_args) as pool:
-        for chunk, copies in chunks:
-            in_flight.append((pool.apply_async(_tokenize_chunk, (chunk,)), copies))
-            if len(in_flight) >= 4 * opts.workers:
-                result, copies = in_flight.popleft()
-                yield result.get(), copies
-        while in_flight:
-            result, copies = in_flight.popleft()
-            yield result.get(), copies
-
-
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 def preprocess(opts: PreprocessOptions) -> PreprocessResult:
-    """Run the whole pipeline; raises MegalignError on bad options, a busy prefix or too many rejected records."""
+    """Run the whole pipeline (or, with opts.shard, pass 1 of one shard); raises MegalignError on bad options, a
+    busy prefix or too many rejected records."""
     started = time.perf_counter()
     opts.validate()
-    with writer.PrefixLock(opts.output_prefix):
+    locked = opts.output_prefix if opts.shard is None else opts.shard_prefix()
+    with writer.PrefixLock(locked):
         opts.check_prefix_free()  # again, holding the lock: a run that finished meanwhile may have written it
-        writer.remove_stale(opts.output_prefix)
+        writer.remove_stale(locked)
+        if opts.shard is not None:
+            return _shard_locked(opts, started)
         return _preprocess_locked(opts, started)
 
 
-def _preprocess_locked(opts: PreprocessOptions, started: float) -> PreprocessResult:
-    tokenizer = load_tokenizer(opts.tokenizer)
-    make_encoder(opts.chat_template, tokenizer)  # unknown template or missing special tokens: fail now
-    # The writer needs megatron-core (and torch): a few seconds of imports, done while the workers tokenize.
-    importing = threading.Thread(target=importlib.import_module, args=("megatron.core.datasets.indexed_dataset",))
-    importing.start()
-    token_dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32  # megatron's DType.optimal_dtype rule
-    ratios = opts.ratios or [1.0] * len(opts.inputs)
-    counts = [InputCounts(path, float(r)) for path, r in zip(opts.inputs, ratios)]
+def _run_of(opts: PreprocessOptions, tokenizer) -> dict:
+    """Every option and input property that decides the output: what the shards of one dataset must share, and
+    what the finish (packing, writing, metadata) reads."""
+    kind = opts.record_kind()
+    if kind == TEXT:
+        documents = DocumentEncoder(tokenizer).describe()  # a BOS/EOS the tokenizer lacks: fail now
+    else:
+        make_encoder(opts.chat_template, tokenizer)  # unknown template or missing special tokens: fail now
+        documents = None
+    token_dtype = optimal_token_dtype(tokenizer.vocab_size)
+    return {
+        "created_by": f"megalign {megalign.__version__}", "record_kind": kind,
+        "input_paths": list(opts.inputs), "input_bytes": [os.path.getsize(p) for p in opts.inputs],
+        "input_kinds": [list(k) for k in opts.input_kinds()],
+        "ratios": [float(r) for r in (opts.ratios or [1.0] * len(opts.inputs))],
+        "tokenizer_path": opts.tokenizer, "tokenizer": tokenizer.describe(), "token_dtype": np.dtype(token_dtype).name,
+        "chat_template": opts.chat_template, "seq_length": opts.seq_length, "packing": opts.packing,
+        "group_size": opts.group_size, "overlength": opts.resolved_overlength(),
+        "min_piece_length": opts.resolved_min_piece_length(), "positions": opts.positions, "documents": documents,
+        "max_record_bytes": opts.max_record_bytes, "max_reject_fraction": opts.max_reject_fraction,
+        "seed": opts.seed, "shard_block_lines": opts.shard_block_lines,
+    }
 
+
+def _empty_counts(run: dict) -> list[InputCounts]:
+    return [InputCounts(path, ratio, kind=run["record_kind"]) for path, ratio in zip(run["input_paths"], run["ratios"])]
+
+
+def _preprocess_locked(opts: PreprocessOptions, started: float) -> PreprocessResult:
+    run = _run_of(opts, load_tokenizer(opts.tokenizer))
     scratch = writer.make_private_dir(opts.output_prefix, "tmp")
     version = writer.make_private_dir(opts.output_prefix, "v")
     temp_prefix = str(version / Path(opts.output_prefix).name)
-    store = SampleStore(scratch, token_dtype)
+    store = SampleStore(scratch, np.dtype(run["token_dtype"]))
     try:
-        sample_slots, slot_lengths, slot_loss_tokens = _tokenize_all(opts, counts, store, temp_prefix)
-        importing.join()
-        from megatron.core.datasets.indexed_dataset import DType
-
-        assert DType.optimal_dtype(tokenizer.vocab_size) == token_dtype, "megatron changed its token dtype rule"
-        totals = _total_counts(counts)
-        stats.reconcile(totals)
-        _check_reject_fraction(opts, totals, temp_prefix)
-
-        lengths = slot_lengths[sample_slots]
-        packs = packing.pack(lengths, opts.seq_length, opts.packing, opts.seed, opts.group_size)
+        counts = _empty_counts(run)
+        with PartCollector(store, fmt.rejects_file(temp_prefix)) as collector:
+            tokenize_records(run, counts, collector, opts.workers, progress=opts.progress)
+        part = collector.finish(counts, run)
         store.close_for_reading()
-        with tqdm(total=int(lengths.sum()), unit="tok", desc="write", disable=_no_progress(opts), unit_scale=True) as bar:
-            max_token_id = writer.write_packs(temp_prefix, store, sample_slots, packs, token_dtype,
-                                              on_pack=bar.update)
-        store.close()
-
-        pack_lengths = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
-        metadata = _metadata(opts, tokenizer, token_dtype, counts, totals, lengths, pack_lengths,
-                             int(slot_loss_tokens[sample_slots].sum()))
-        metadata["max_token_id"] = max_token_id
-        metadata["files"] = writer.file_records(temp_prefix)
-        fmt.meta_file(temp_prefix).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+        metadata = _finish(run, [part], opts.output_prefix, temp_prefix, opts.progress)
         writer.publish(version, opts.output_prefix, scratch)
     finally:
-        importing.join()
         store.close()
         shutil.rmtree(scratch, ignore_errors=True)
         if writer.current_version(opts.output_prefix) != version:  # not published (or the commit never came)
@@ -369,103 +323,178 @@ def _preprocess_locked(opts: PreprocessOptions, started: float) -> PreprocessRes
     return PreprocessResult(opts.output_prefix, metadata, time.perf_counter() - started)
 
 
-def _no_progress(opts: PreprocessOptions) -> bool | None:
-    return None if opts.progress is None else not opts.progress
+def _shard_locked(opts: PreprocessOptions, started: float) -> PreprocessResult:
+    """Pass 1 of one shard, published as its part at PREFIX.shard-I-of-N/ (complete, or absent)."""
+    run = _run_of(opts, load_tokenizer(opts.tokenizer))
+    destination = Path(opts.shard_prefix())
+    scratch = writer.make_private_dir(str(destination), "tmp")
+    store = SampleStore(scratch, np.dtype(run["token_dtype"]))
+    try:
+        counts = _empty_counts(run)
+        with PartCollector(store, scratch / "rejects.jsonl") as collector:
+            tokenize_records(run, counts, collector, opts.workers, shard=opts.shard, progress=opts.progress)
+        part = collector.finish(counts, run, opts.shard)
+        stats.reconcile(stats.total_counts(counts))
+        store.close()
+        shards.save_part(part, scratch)
+        shards.publish_part(scratch, destination)
+    finally:
+        store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    lengths, loss = part.slots[part.samples[:, 0], 0], part.slots[part.samples[:, 0], 1]
+    summary_meta = {"shard": list(opts.shard), "inputs": [c.as_dict() for c in counts],
+                    "counts": stats.total_counts(counts),
+                    "num_samples": len(lengths), "num_tokens": int(lengths.sum()), "num_loss_tokens": int(loss.sum())}
+    return PreprocessResult(str(destination), summary_meta, time.perf_counter() - started, opts.shard)
 
 
-def _tokenize_all(opts, counts, store, temp_prefix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pass 1. Returns, per sample, its store slot; per slot, its length and number of loss targets."""
-    # 8 bytes per sample (array, not list): memory grows with the number of samples only, and slowly.
-    sample_slots, slot_lengths, slot_loss_tokens = array("q"), array("q"), array("q")
-    with open(fmt.rejects_file(temp_prefix), "w", encoding="utf-8") as rejects, \
-            tqdm(unit="rec", desc="tokenize", disable=_no_progress(opts)) as bar:
-        for outcomes, copies in _map_in_order(opts, store.token_dtype, _chunks(opts, counts)):
-            for outcome, n in zip(outcomes, copies):
-                kind, input_index, line_no = outcome[:3]
-                c = counts[input_index]
-                if kind == "reject":
-                    reason, detail = outcome[3:]
-                    c.rejected[reason] += 1
-                    rejects.write(json.dumps({"input": c.path, "line": line_no, "reason": reason, "detail": detail}) + "\n")
-                    continue
-                tokens, mask_bits, truncated = outcome[3:]
-                mask = np.unpackbits(mask_bits, count=len(tokens))
-                slot = store.append(tokens, mask)
-                slot_lengths.append(len(tokens))
-                slot_loss_tokens.append(int(mask[1:].sum()))
-                sample_slots.extend([slot] * n)
-                c.kept += n
-                c.duplicated += n - 1
-                c.truncated += truncated
-            bar.update(len(outcomes))
-    return tuple(np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
-                 for a in (sample_slots, slot_lengths, slot_loss_tokens))
+def merge(opts: MergeOptions) -> PreprocessResult:
+    """Passes 2 and 3 over the parts of every shard of opts.output_prefix: the dataset a single run makes."""
+    started = time.perf_counter()
+    prefix = opts.output_prefix
+    if not Path(prefix).parent.is_dir():
+        raise OptionError("output_prefix", f"{prefix}: directory {Path(prefix).parent} does not exist")
+    with writer.PrefixLock(prefix), ExitStack() as held:
+        directories = shards.find_shards(prefix)
+        for d in directories:  # a shard still running (or rerunning) must not change under the merge
+            held.enter_context(writer.PrefixLock(str(d)))
+        check_dataset_free(prefix, opts.overwrite)
+        writer.remove_stale(prefix)
+        parts = []
+        try:
+            for d in directories:
+                parts.append(shards.load_part(d))
+            run = shards.check_same_run(parts, directories)
+            check_outputs_spare_inputs(prefix, run["input_paths"])
+            scratch = writer.make_private_dir(prefix, "tmp")
+            version = writer.make_private_dir(prefix, "v")
+            temp_prefix = str(version / Path(prefix).name)
+            try:
+                metadata = _finish(run, parts, prefix, temp_prefix, opts.progress)
+                writer.publish(version, prefix, scratch)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+                if writer.current_version(prefix) != version:
+                    shutil.rmtree(version, ignore_errors=True)
+        finally:
+            for part in parts:
+                part.close()
+        if not opts.keep_shards:
+            for d in directories:
+                shutil.rmtree(d, ignore_errors=True)
+    return PreprocessResult(prefix, metadata, time.perf_counter() - started)
 
 
-def _total_counts(counts: list[InputCounts]) -> dict:
-    rejected = Counter()
-    for c in counts:
-        rejected.update(c.rejected)
-    total = {k: sum(getattr(c, k) for c in counts)
-             for k in ("read", "kept", "duplicated", "sampled_out", "truncated", "blank_lines")}
-    total["rejected"] = dict(sorted(rejected.items()))
-    return total
+def _finish(run: dict, parts: list[Part], prefix: str, temp_prefix: str, progress: bool | None) -> dict:
+    """Passes 2 and 3: the counts, the rejects file, the packs and the data files of `parts` at temp_prefix;
+    returns the metadata (written too). The same for one run's part and for the parts of its shards."""
+    token_dtype = np.dtype(run["token_dtype"]).type
+    counts = shards.total_counts(parts)
+    totals = stats.total_counts(counts)
+    stats.reconcile(totals)
+    rejects = fmt.rejects_file(temp_prefix)
+    if [p.rejects for p in parts] != [rejects]:  # shards: their rejects, in a single run's order
+        with open(rejects, "w", encoding="utf-8") as out:
+            out.writelines(shards.merged_rejects(parts))
+    _check_reject_fraction(run, totals, prefix, temp_prefix)
+
+    sample_slots, slots = shards.sample_order(parts)
+    lengths = slots[sample_slots, 0]
+    packs = packing.pack(lengths, run["seq_length"], run["packing"], run["seed"], run["group_size"])
+    store = parts[0].store if len(parts) == 1 else shards.MergedStores(parts)
+    with tqdm(total=int(lengths.sum()), unit="tok", desc="write", disable=None if progress is None else not progress,
+              unit_scale=True) as bar:
+        max_token_id = writer.write_packs(temp_prefix, store, sample_slots, packs, token_dtype, on_pack=bar.update)
+    in_file_order = np.concatenate([sample_slots[p] for p in packs]) if packs else np.zeros(0, np.int64)
+    if run["positions"] == "continue":
+        writer.write_position_offsets(temp_prefix, slots[in_file_order, 2])
+
+    pack_lengths = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
+    metadata = _metadata(run, counts, totals, lengths, pack_lengths, int(slots[sample_slots, 1].sum()))
+    if run["record_kind"] == TEXT:
+        ends = slots[sample_slots, 2] + lengths
+        metadata["documents"]["max_position"] = int(ends.max()) if len(ends) else 0
+    metadata["max_token_id"] = max_token_id
+    metadata["files"] = writer.file_records(temp_prefix)
+    fmt.meta_file(temp_prefix).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+    return metadata
 
 
-def _check_reject_fraction(opts: PreprocessOptions, totals: dict, temp_prefix: str) -> None:
+def _check_reject_fraction(run: dict, totals: dict, prefix: str, temp_prefix: str) -> None:
     rejected = sum(totals["rejected"].values())
     considered = totals["read"] - totals["sampled_out"]
+    limit = run["max_reject_fraction"]
     if considered == 0:
-        raise MegalignError(f"no records to keep: the inputs {opts.inputs} hold {totals['read']} records "
+        raise MegalignError(f"no records to keep: the inputs {run['input_paths']} hold {totals['read']} records "
                             f"and the ratios sampled out {totals['sampled_out']}")
-    if rejected == considered or rejected / considered > opts.max_reject_fraction:
-        os.replace(fmt.rejects_file(temp_prefix), fmt.rejects_file(opts.output_prefix))  # the evidence stays
+    if rejected == considered or rejected / considered > limit:
+        os.replace(fmt.rejects_file(temp_prefix), fmt.rejects_file(prefix))  # the evidence stays
         reasons = ", ".join(f"{k}: {v}" for k, v in totals["rejected"].items())
+        fix = "set {overlength} truncate" if run["record_kind"] == CHAT else "set {overlength} split"
         raise OptionError(
             "max_reject_fraction",
-            f"{opts.max_reject_fraction} is exceeded: {rejected} of {considered} records rejected "
-            f"({rejected / considered:.2%}; {reasons}); see {fmt.rejects_file(opts.output_prefix)}. Fix the input, "
-            "or raise {max_reject_fraction} (or set {overlength} truncate) if that is expected",
+            f"{limit} is exceeded: {rejected} of {considered} records rejected "
+            f"({rejected / considered:.2%}; {reasons}); see {fmt.rejects_file(prefix)}. Fix the input, "
+            f"or raise {{max_reject_fraction}} (or {fix}) if that is expected",
             mentions=("max_reject_fraction", "overlength"))
 
 
-def _metadata(opts, tokenizer, token_dtype, counts, totals, lengths, pack_lengths, loss_tokens) -> dict:
+def _metadata(run: dict, counts, totals, lengths, pack_lengths, loss_tokens) -> dict:
     num_tokens = int(lengths.sum())
-    return {
+    seq_length = run["seq_length"]
+    meta = {
         "format_version": fmt.FORMAT_VERSION,
-        "created_by": f"megalign {megalign.__version__}",
-        "tokenizer": tokenizer.describe(),
-        "token_dtype": np.dtype(token_dtype).name,
-        "chat_template": opts.chat_template,
-        "seq_length": opts.seq_length,
-        "packing": {"strategy": opts.packing, "seed": opts.seed,
-                    **({"group_size": opts.group_size} if opts.packing == "sorted" else {})},
-        "overlength": opts.overlength,
+        "created_by": run["created_by"],
+        "tokenizer": run["tokenizer"],
+        "token_dtype": run["token_dtype"],
+        "record_kind": run["record_kind"],
+        "chat_template": run["chat_template"],
+        "seq_length": seq_length,
+        "packing": {"strategy": run["packing"], "seed": run["seed"],
+                    **({"group_size": run["group_size"]} if run["packing"] == "sorted" else {})},
+        "overlength": run["overlength"],
+    }
+    if run["record_kind"] == TEXT:
+        meta["documents"] = {**run["documents"], "min_piece_length": run["min_piece_length"],
+                             "positions": run["positions"]}
+    meta.update({
         "inputs": [c.as_dict() for c in counts],
         "counts": totals,
         "num_samples": len(lengths),
         "num_packs": len(pack_lengths),
         "num_tokens": num_tokens,
         "num_loss_tokens": loss_tokens,
-        "packing_efficiency": round(num_tokens / max(1, len(pack_lengths) * opts.seq_length), 6),
-        "packs_lower_bound": packing.lower_bound(lengths, opts.seq_length),
-        "length_histogram": stats.length_histogram(lengths, opts.seq_length),
-        "pack_fill_histogram": stats.pack_fill_histogram(pack_lengths, opts.seq_length),
-    }
+        "packing_efficiency": round(num_tokens / max(1, len(pack_lengths) * seq_length), 6),
+        "packs_lower_bound": packing.lower_bound(lengths, seq_length),
+        "length_histogram": stats.length_histogram(lengths, seq_length),
+        "pack_fill_histogram": stats.pack_fill_histogram(pack_lengths, seq_length),
+    })
+    return meta
 
 
 def summary(result: PreprocessResult) -> str:
     m, c = result.metadata, result.metadata["counts"]
     rejected = sum(c["rejected"].values())
-    lines = [
-        f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}{fmt.LOSS_MASK_SUFFIX}.{{bin,idx}}",
-        f"records: read {c['read']}, kept {c['kept']} samples (duplicated {c['duplicated']}, "
-        f"truncated {c['truncated']}), sampled out {c['sampled_out']}, rejected {rejected}"
-        + (f" ({', '.join(f'{k}: {v}' for k, v in c['rejected'].items())}; see {result.prefix}{fmt.REJECTS_SUFFIX})"
-           if rejected else ""),
+    reasons = ", ".join(f"{k}: {v}" for k, v in c["rejected"].items())
+    if "samples" in c:  # documents: a kept record may be several samples
+        kept = (f"kept {c['kept']} documents (duplicated {c['duplicated']}, truncated {c['truncated']}) as "
+                f"{c['samples']} samples ({c['split']} documents cut into pieces, {c['tails_dropped']} tails dropped)")
+    else:
+        kept = f"kept {c['kept']} samples (duplicated {c['duplicated']}, truncated {c['truncated']})"
+    records = f"read {c['read']}, {kept}, sampled out {c['sampled_out']}, rejected {rejected}"
+    tokens = (f"tokens: {m['num_tokens']} ({m['num_loss_tokens']} targets) in {result.seconds:.1f} s, "
+              f"{result.tokens_per_second:,.0f} tokens/s")
+    if result.shard is not None:
+        i, n = result.shard
+        return "\n".join([
+            f"wrote shard {i}/{n} to {result.prefix}; once all {n} shards are done, join them with "
+            f"tools/merge_data.py --output-prefix {result.prefix.rsplit('.shard-', 1)[0]}",
+            f"records of this shard: {records}" + (f" ({reasons})" if rejected else ""), tokens])
+    offsets = f" and {result.prefix}{fmt.POSITION_OFFSETS_SUFFIX}" if fmt.POSITION_OFFSETS_SUFFIX in m["files"] else ""
+    return "\n".join([
+        f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}{fmt.LOSS_MASK_SUFFIX}.{{bin,idx}}{offsets}",
+        f"records: {records}" + (f" ({reasons}; see {result.prefix}{fmt.REJECTS_SUFFIX})" if rejected else ""),
         f"packs: {m['num_packs']} x {m['seq_length']} ({m['packing']['strategy']}), lower bound {m['packs_lower_bound']}, "
         f"efficiency {m['packing_efficiency']:.2%}",
-        f"tokens: {m['num_tokens']} ({m['num_loss_tokens']} targets) in {result.seconds:.1f} s, "
-        f"{result.tokens_per_second:,.0f} tokens/s",
-    ]
-    return "\n".join(lines)
+        tokens,
+    ])

@@ -1,10 +1,14 @@
-"""JSONL records -> Conversation, with a named reason for every record that is turned away.
+"""JSONL records -> Conversation or document text, with a named reason for every record that is turned away.
 
-Two record shapes are accepted:
-  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}       (LongAlign, OpenAI)
-  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}          (ShareGPT)
+Two kinds of record, recognised from their keys (`record_kind`):
+  chat  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (LongAlign, OpenAI)
+        {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}      (ShareGPT)
+  text  {"text": str, ...}                                                             (raw documents; other keys
+                                                                                        are ignored)
+A record with chat keys is a chat even if it also has "text" (chat datasets often carry a rendered copy).
 A conversation is: an optional system message, then user/assistant turns alternating, starting with a user
 turn and ending with an assistant turn (a trailing user turn would be tokens that never carry loss).
+One input holds one kind: `input_kind` finds a file's kind from its first record that has one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from pathlib import Path
 from typing import Iterator
 
 from megalign.errors import MegalignError
+
+CHAT, TEXT = "chat", "text"
+RECORD_KINDS = (CHAT, TEXT)
+CHAT_KEYS = ("messages", "conversations")
 
 ROLE_ALIASES = {
     "system": "system",
@@ -75,8 +83,8 @@ def _messages_of(record: dict) -> tuple[list, str, str]:
     )
 
 
-def parse_record(raw: bytes) -> Conversation:
-    """Decode one JSONL line into a validated Conversation, or raise RecordRejected."""
+def decode_record(raw: bytes) -> dict:
+    """One JSONL line as a JSON object, or RecordRejected (bad UTF-8, bad JSON, too deep, not an object)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -89,6 +97,47 @@ def parse_record(raw: bytes) -> Conversation:
         raise RecordRejected(RejectReason.TOO_DEEPLY_NESTED, "JSON nested deeper than the parser's recursion limit") from None
     if not isinstance(record, dict):
         raise RecordRejected(RejectReason.WRONG_SHAPE, f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def record_kind(record: dict) -> str | None:
+    """CHAT, TEXT, or None when the keys are neither kind's."""
+    if any(k in record for k in CHAT_KEYS):
+        return CHAT
+    if "text" in record:
+        return TEXT
+    return None
+
+
+def parse_record(raw: bytes) -> Conversation:
+    """Decode one JSONL line into a validated Conversation, or raise RecordRejected."""
+    return conversation_of(decode_record(raw))
+
+
+def _check_text(text: str, what: str) -> None:
+    """Rejects empty (or whitespace-only) text and lone surrogates, which no UTF-8 tokenizer accepts."""
+    if not text.strip():
+        raise RecordRejected(RejectReason.EMPTY_CONTENT, f"{what} is empty")
+    try:  # JSON can escape lone surrogates (\ud800)
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordRejected(RejectReason.INVALID_UTF8, f"{what} has an unpaired surrogate escape at character "
+                             f"{e.start}") from None
+
+
+def document_of(record: dict) -> str:
+    """The text of a text record (a decoded JSON object), validated, or RecordRejected."""
+    if "text" not in record:
+        raise RecordRejected(RejectReason.WRONG_SHAPE, f'expected a "text" string; got keys {sorted(record)[:8]}')
+    text = record["text"]
+    if not isinstance(text, str):
+        raise RecordRejected(RejectReason.NON_STRING_CONTENT, f"text is {type(text).__name__}, not a string")
+    _check_text(text, "text")
+    return text
+
+
+def conversation_of(record: dict) -> Conversation:
+    """The validated Conversation of a chat record (a decoded JSON object), or RecordRejected."""
     items, role_key, content_key = _messages_of(record)
     if not isinstance(items, list) or not items:
         raise RecordRejected(RejectReason.WRONG_SHAPE, "the message list must be a non-empty list")
@@ -110,14 +159,7 @@ def parse_record(raw: bytes) -> Conversation:
             raise RecordRejected(
                 RejectReason.NON_STRING_CONTENT, f"message {i} {content_key} is {type(content).__name__}, not a string"
             )
-        if not content.strip():
-            raise RecordRejected(RejectReason.EMPTY_CONTENT, f"message {i} ({role}) is empty")
-        try:  # JSON can escape lone surrogates (\ud800) that no UTF-8 tokenizer accepts
-            content.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RecordRejected(
-                RejectReason.INVALID_UTF8, f"message {i} has an unpaired surrogate escape at character {e.start}"
-            ) from None
+        _check_text(content, f"message {i} ({role})")
         messages.append(Message(role, content))
 
     _check_turn_order(messages)
@@ -139,6 +181,21 @@ def _check_turn_order(messages: list[Message]) -> None:
             )
     if turns[-1].role != "assistant":
         raise RecordRejected(RejectReason.BAD_TURN_ORDER, "the conversation ends with a user message")
+
+
+def input_kind(path: str | Path, max_bytes: int | None = None) -> tuple[str | None, int | None]:
+    """The kind of an input file and the line that shows it: its first record that decodes and has a kind's keys
+    ((None, None) when no record has: every one will be rejected)."""
+    for line_no, raw in enumerate(open_lines(path, max_bytes), start=1):
+        if isinstance(raw, OversizedLine) or not raw.strip():
+            continue
+        try:
+            kind = record_kind(decode_record(raw))
+        except RecordRejected:
+            continue
+        if kind is not None:
+            return kind, line_no
+    return None, None
 
 
 @dataclass(frozen=True)

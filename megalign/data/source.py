@@ -48,6 +48,8 @@ class InMemoryPacks:
             if int(np.sum(p.lengths)) != len(p.tokens) or len(p.loss_mask) != len(p.tokens):
                 raise ValueError(f"pack {i}: lengths sum to {int(np.sum(p.lengths))}, {len(p.tokens)} tokens, "
                                  f"{len(p.loss_mask)} loss-mask values")
+            if p.position_offsets is not None and len(p.position_offsets) != len(p.lengths):
+                raise ValueError(f"pack {i}: {len(p.position_offsets)} position offsets for {len(p.lengths)} samples")
         self.packs = list(packs)
         self._vocab_size = int(vocab_size)
         self.name = name
@@ -72,6 +74,6 @@ class InMemoryPacks:
     def fingerprint(self) -> dict:
         digest = hashlib.sha256()
         for p in self.packs:
-            for a in (p.tokens, p.loss_mask, p.lengths):
+            for a in (p.tokens, p.loss_mask, p.lengths) + (() if p.position_offsets is None else (p.position_offsets,)):
                 digest.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         return {"path": self.name, "sha256": {"packs": digest.hexdigest()}}

@@ -1,4 +1,5 @@
-"""A small long-context instruction set made offline: retrieval over long filler text, mixed with short chats.
+"""A small long-context instruction set made offline: retrieval over long filler text, mixed with short chats;
+and raw text documents for continued pretraining (long "books" and "code files", short notes).
 
 Long samples hide a fact (a passkey, or the value of one key among many) inside filler text and ask for it, so
 a model can only answer by attending far back; short samples are one- or two-turn chats. Used by the
@@ -112,3 +113,48 @@ def corpus(seed: int = 0, n_words: int = 50_000):
         yield json.dumps(key_value_record(rng, 20))
         yield json.dumps(passkey_record(rng, 50))
         yield json.dumps(short_chat_record(rng))
+
+
+def book_text(rng: random.Random, n_words: int) -> str:
+    """Prose in paragraphs, a title first."""
+    paragraphs, left = [f"Chapter {rng.randint(1, 40)}: the {rng.choice(WORDS)} {rng.choice(WORDS)}"], n_words
+    while left > 0:
+        k = min(left, rng.randint(40, 160))
+        paragraphs.append(filler(rng, k))
+        left -= k
+    return "\n\n".join(paragraphs)
+
+
+def code_text(rng: random.Random, n_words: int) -> str:
+    """A Python-looking source file: functions of assignments and returns over the filler words."""
+    lines, left = [f"# {rng.choice(WORDS)}_{rng.choice(WORDS)}.py", "import os", ""], n_words
+    while left > 0:
+        name = f"{rng.choice(WORDS)}_{rng.choice(WORDS)}"
+        args = ", ".join(rng.sample(WORDS, rng.randint(1, 3)))
+        body = [f"    {rng.choice(WORDS)}_{i} = {rng.choice(WORDS)} + {rng.randint(0, 999)}"
+                for i in range(rng.randint(2, 8))]
+        lines += [f"def {name}({args}):", f'    """{filler(rng, 8)}"""', *body, f"    return {rng.choice(WORDS)}_0", ""]
+        left -= 8 + 5 * len(body)
+    return "\n".join(lines)
+
+
+def long_document(rng: random.Random, min_words: int, max_words: int) -> dict:
+    n = rng.randint(min_words, max_words)
+    return {"text": book_text(rng, n) if rng.random() < 0.5 else code_text(rng, n), "source": "synthetic"}
+
+
+def short_document(rng: random.Random) -> dict:
+    return {"text": filler(rng, rng.randint(10, 120))}
+
+
+def make_text_example(out_dir: str | Path, n_long: int, n_short: int, min_words: int, max_words: int,
+                      seed: int = 0) -> dict:
+    """Write OUT/long_text.jsonl (books and code files of min_words..max_words) and OUT/short_text.jsonl (notes
+    of 10-120 words), {"text": ...} records; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = {"long": out / "long_text.jsonl", "short": out / "short_text.jsonl"}
+    write_jsonl(paths["long"], (long_document(rng, min_words, max_words) for _ in range(n_long)))
+    write_jsonl(paths["short"], (short_document(rng) for _ in range(n_short)))
+    return paths

@@ -28,11 +28,12 @@ from typing import Callable
 import numpy as np
 
 from megalign.data import format as fmt
+from megalign.data.indexed import IndexedWriter
 from megalign.data.sample_store import SampleStore
 from megalign.errors import OptionError
 from megalign.files import fsync_path
 
-PUBLISHED_SUFFIXES = fmt.DATA_SUFFIXES + (fmt.REJECTS_SUFFIX, fmt.META_SUFFIX)
+PUBLISHED_SUFFIXES = fmt.DATA_SUFFIXES + fmt.OPTIONAL_SUFFIXES + (fmt.REJECTS_SUFFIX, fmt.META_SUFFIX)
 
 
 def write_packs(
@@ -45,11 +46,8 @@ def write_packs(
 ) -> int:
     """Write the token and loss-mask IndexedDatasets of `packs` (lists of sample ids) at `prefix`; returns the
     largest token id written (recorded in the metadata: training checks it against the model's vocabulary)."""
-    # megatron-core imports torch: only the writing process pays for it, not the tokenizer workers.
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    tokens_builder = IndexedDatasetBuilder(prefix + ".bin", dtype=token_dtype)
-    mask_builder = IndexedDatasetBuilder(prefix + fmt.LOSS_MASK_SUFFIX + ".bin", dtype=np.uint8)
+    tokens_builder = IndexedWriter(prefix, token_dtype)
+    mask_builder = IndexedWriter(prefix + fmt.LOSS_MASK_SUFFIX, np.uint8)
     largest = -1
     for samples in packs:
         parts = [store.get(int(sample_slots[s])) for s in samples]
@@ -59,16 +57,23 @@ def write_packs(
         tokens_builder.add_document(tokens, lengths)
         mask_builder.add_document(np.concatenate([m for _, m in parts]), lengths)
         on_pack(sum(lengths))
-    tokens_builder.finalize(prefix + ".idx")
-    mask_builder.finalize(prefix + fmt.LOSS_MASK_SUFFIX + ".idx")
+    tokens_builder.finalize()
+    mask_builder.finalize()
     return largest
 
 
+def write_position_offsets(prefix: str, offsets: np.ndarray) -> None:
+    """Each sequence's first position id, in .idx order (the dataset's packs, their samples in order)."""
+    with open(fmt.position_offsets_file(prefix), "wb") as f:
+        np.save(f, np.ascontiguousarray(offsets, dtype="<i8"))
+
+
 def file_records(prefix: str) -> dict[str, dict]:
-    """Size and sha256 of each data file, keyed by its suffix (what PREFIX.json stores)."""
+    """Size and sha256 of each data file present, keyed by its suffix (what PREFIX.json stores)."""
+    suffixes = list(fmt.DATA_SUFFIXES) + [s for s in fmt.OPTIONAL_SUFFIXES if os.path.exists(prefix + s)]
     return {
         suffix: {"bytes": os.path.getsize(prefix + suffix), "sha256": fmt.sha256_file(Path(prefix + suffix))}
-        for suffix in fmt.DATA_SUFFIXES
+        for suffix in suffixes
     }
 
 
@@ -142,15 +147,20 @@ def publish(version: Path, prefix: str, work: Path) -> None:
     `work` is a scratch directory next to the prefix, for temporary links.
     """
     _adopt_plain_files(prefix, work)
-    # Links first: on a fresh prefix they dangle (nothing reads as present) until the swap below.
+    # Links first: on a fresh prefix they dangle (nothing reads as present) until the swap below. An optional
+    # file gets its link only where the new version has it.
+    absent = [s for s in fmt.OPTIONAL_SUFFIXES if not (version / (_name(prefix) + s)).exists()]
     for suffix in PUBLISHED_SUFFIXES:
-        if not _is_our_link(prefix, suffix):
+        if suffix not in absent and not _is_our_link(prefix, suffix):
             _replace_with_symlink(_link_target(prefix, suffix), Path(prefix + suffix), work)
     for path in [*version.iterdir(), version]:  # durable before they become visible
         fsync_path(path)
     previous = current_version(prefix)
     _replace_with_symlink(version.name, current_link(prefix), work)  # the commit
     fsync_path(Path(prefix).parent)
+    for suffix in absent:  # the previous version's optional files: their links now dangle (read as absent)
+        if _is_our_link(prefix, suffix):
+            os.unlink(prefix + suffix)
     if previous is not None and previous != version:
         shutil.rmtree(previous, ignore_errors=True)
 

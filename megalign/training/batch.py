@@ -3,7 +3,8 @@
   tokens[t]        the pack's token ids
   labels[t]        the next token inside the same sample (a sample's last token has no target)
   loss             what the objective needs (training/objective.py), e.g. sft's per-token weights and the count
-  position_ids[t]  0, 1, ... restarting at every sample, or the positions given (SkipAlign: data/positions.py)
+  position_ids[t]  0, 1, ... restarting at every sample (from the sample's position offset: the pieces of a long
+                   document with `--positions continue`), or the positions given (SkipAlign: data/positions.py)
   cu_seqlens[n+1]  sample boundaries; max_seqlen is the longest SINGLE sample (megatron's THD RoPE switches to
                    global positions when it equals the packed length)
 
@@ -81,7 +82,7 @@ class Batch:
 
 def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Batch:
     """The whole pack as one micro-batch for `objective` (training/objective.py). `positions`: the pack's position
-    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample."""
+    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample, from its position offset."""
     lengths = np.asarray(pack.lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tokens = pack.tokens.astype(np.int64)
@@ -91,7 +92,7 @@ def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Bat
     targets = np.roll(pack.loss_mask.astype(np.float64), -1)
     targets[last] = 0.0
     if positions is None:
-        positions = contiguous_positions(lengths)
+        positions = contiguous_positions(lengths, pack.position_offsets)
     elif np.shape(positions) != tokens.shape:
         raise ValueError(f"{np.shape(positions)} positions for a pack of {len(tokens)} tokens")
     else:
@@ -184,6 +185,8 @@ class BatchBuilder:
                 f"dataset {source}, pack {ref.pack}: token id {int(pack.tokens.max())} is outside the model's "
                 f"vocabulary of {self.vocab_size}: the dataset is damaged (tools/inspect_dataset.py --verify full "
                 "checks it) or was made with another tokenizer than model.vocab_size says")
+        if pack.position_offsets is not None and len(pack.lengths):
+            self._check_continued_positions(pack, ref)
         # positions of the whole row, before the CP split (which keeps the whole padded row's positions)
         positions = pack_positions(pack, d.positions, d.skipalign_window or self.max_positions,
                                    d.skipalign_fraction, self.seed, ref.dataset, ref.pack, ref.epoch)
@@ -195,6 +198,16 @@ class BatchBuilder:
         elif tp > 1:
             batch = pad_to_multiple(batch, tp)
         return batch
+
+    def _check_continued_positions(self, pack: Pack, ref: PackRef) -> None:
+        """Pieces whose positions continue their document's reach past the pack: not past the model's positions."""
+        end = int(np.max(np.asarray(pack.position_offsets) + np.asarray(pack.lengths)))
+        if end > self.max_positions:
+            source = self.datasets[ref.dataset].fingerprint()["path"]
+            raise MegalignError(
+                f"dataset {source}, pack {ref.pack}: a document's piece reaches position {end - 1} (preprocessed with "
+                f"--positions continue), beyond model.max_position_embeddings={self.max_positions}: raise it to at "
+                "least the dataset's documents.max_position, or preprocess with --positions restart")
 
     def sequence_lengths(self, refs: Sequence[PackRef]) -> list[int]:
         """The lengths of every sample in the packs `refs`, in order."""

@@ -141,7 +141,7 @@ def test_mixing_ratios_are_seeded_and_reconcile(tmp_path, bpe_tokenizer_dir, exa
 BAD_LINES = [
     (b'{"messages": [{"role": "user", "content": "q"', "malformed_json"),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "a"}]}', "invalid_utf8"),
-    (b'{"text": "no messages"}', "wrong_shape"),
+    (b'{"prompt": "no messages"}', "wrong_shape"),
     (b'{"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}', "unknown_role"),
     (b'{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}', "empty_content"),
     (b'{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "a"}]}', "non_string_content"),
