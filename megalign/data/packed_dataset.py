@@ -24,6 +24,9 @@ class Pack:
     lengths: np.ndarray  # [n] per-sample lengths, sum == t
     # [n] where each sample's position ids start (pieces of one document that continue its positions); None: 0
     position_offsets: np.ndarray | None = None
+    # [n] preference datasets: each sample's role in its group (data/groups.py: PROMPT, CHOSEN, REJECTED + j); a group
+    # is a prompt followed by its responses, never split across packs. None: not a preference dataset
+    roles: np.ndarray | None = None
 
 
 class PackedDataset:
