@@ -4,13 +4,16 @@ directory, and submit it (or, with --dry-run, print it).
   megalign-submit train --cluster a800-ib --nodes 2 --config FILE.yaml [key=value ...]
   megalign-submit train ... --preprocess "--input long.jsonl --tokenizer tok/ --chat-template llama2 --seq-length 65536"
   megalign-submit preprocess --cluster a800-ib -- --input ... --output-prefix data/x
+  megalign-submit preprocess --cluster a800-ib --shards 8 -- --input ... --output-prefix data/x
   megalign-submit eval --cluster a800-ib [--gpus N] -- --model RUN/checkpoints --tasks needle --out RUN/eval
   megalign-submit train ... --eval "--tasks needle,longbench --longbench-dir LongBench/LongBench --all-checkpoints"
 
-The script is launch/slurm/{train,preprocess}.sbatch's body behind a header of #SBATCH lines and exports from
+The script is launch/slurm/{train,preprocess,merge,eval}.sbatch's body behind a header of #SBATCH lines and exports from
 the cluster profile (megalign/launch/profiles.py); `sbatch` of the written file resubmits the same job.
 With --preprocess, the preprocessing job is queued first and training waits for it (--dependency=afterok); its
---output-prefix is the config's data.path. With --eval, an evaluation job is queued after training (afterok),
+--output-prefix is the config's data.path. With --shards N (--preprocess-shards N), preprocessing is a job array
+of N tasks, one shard each (--shard slurm), and a merge job (launch/slurm/merge.sbatch) queued afterok the whole
+array joins them into the dataset. With --eval, an evaluation job is queued after training (afterok),
 its --model the run's checkpoint directory and its --out RUN_DIR/eval unless given. The job ids are printed, one
 line each, last.
 """
@@ -34,7 +37,7 @@ BODY_MARK = "# ---- body"
 
 @dataclass(frozen=True)
 class Job:
-    kind: str  # train | preprocess | eval
+    kind: str  # train | preprocess | merge | eval
     script: str  # the sbatch script's text
     path: Path  # where it is written
     sbatch_args: list[str]  # options for sbatch itself (the dependency on another job)
@@ -145,30 +148,43 @@ def _ranks_per_node(profile: ClusterProfile, args) -> int:
 
 @dataclass(frozen=True)
 class PreprocessPlan:
-    argv: list[str]
+    argv: list[str]  # what each preprocessing task runs (with --shard slurm when sharded)
     output_prefix: str
     seq_length: int
+    shards: int | None = None  # a job array of this many shards, then a merge job
+    overwrite: bool = False
 
 
-def plan_preprocess(argv: list[str], default_prefix: str | None = None) -> PreprocessPlan:
-    """Parse and check preprocess_data.py's arguments now (inputs, tokenizer path, options), not in the queue."""
+def plan_preprocess(argv: list[str], default_prefix: str | None = None, shards: int | None = None) -> PreprocessPlan:
+    """Parse and check preprocess_data.py's arguments now (inputs, tokenizer path, options), not in the queue.
+    With `shards`, every shard's options (and that none of their parts, nor the dataset, exists unless
+    --overwrite)."""
+    import dataclasses
+
     from megalign.data.cli import preprocess_options, preprocess_parser
+    from megalign.data.preprocess import check_dataset_free
 
     argv = list(argv)
     if default_prefix is not None and "--output-prefix" not in argv:
         argv += ["--output-prefix", default_prefix]
+    if shards is not None and any(a == "--shard" or a.startswith("--shard=") for a in argv):
+        raise MegalignError("--preprocess: --shard is set per array task from --shards N (--shard slurm); leave it "
+                            "out of the preprocessing arguments")
     parser = preprocess_parser()
     opts = preprocess_options(parser.parse_args(argv))
-    import dataclasses
-
     opts = dataclasses.replace(opts, workers=1)  # the job's CPUs decide --workers, not this machine's
     try:
-        opts.validate()
+        for shard in [None] if shards is None else [(i, shards) for i in range(shards)]:
+            dataclasses.replace(opts, shard=shard).validate()
+        if shards is not None:  # the merge writes the dataset
+            check_dataset_free(opts.output_prefix, opts.overwrite)
     except OptionError as e:
         raise MegalignError("--preprocess: " + e.render(parser.flag)) from None
     if not Path(opts.tokenizer).exists():
         raise MegalignError(f"--preprocess: --tokenizer {opts.tokenizer}: no such file or directory")
-    return PreprocessPlan(argv, opts.output_prefix, opts.seq_length)
+    if shards is not None:
+        argv += ["--shard", "slurm"]
+    return PreprocessPlan(argv, opts.output_prefix, opts.seq_length, shards, opts.overwrite)
 
 
 def _check_prefix_matches(cfg, plan: PreprocessPlan) -> None:
@@ -184,16 +200,35 @@ def _check_prefix_matches(cfg, plan: PreprocessPlan) -> None:
                             f"refuse the packs; use --seq-length <= {cfg.model.max_position_embeddings}")
 
 
-def preprocess_job(profile: ClusterProfile, args, plan: PreprocessPlan, log_dir: Path) -> Job:
-    sbatch = {"job-name": f"megalign-prep-{Path(plan.output_prefix).name}",
-              "nodes": "1", "ntasks": "1", "cpus-per-task": str(args.cpus or profile.cpus_per_node),
-              "time": getattr(args, "preprocess_time", None) or args.time or profile.time, **_common_sbatch(profile, args),
-              "open-mode": "append", "output": str(log_dir / "preprocess-%j.out"), "chdir": str(Path.cwd())}
-    lines = _header(profile, sbatch, [], _job_exports(profile),
-                    f"written by megalign-submit for cluster {profile.name}; `sbatch` this file to rerun")
+def preprocess_jobs(profile: ClusterProfile, args, plan: PreprocessPlan, log_dir: Path) -> list[Job]:
+    """The preprocessing job; sharded, the job array and the merge job after it."""
+    name = Path(plan.output_prefix).name
+    time_limit = getattr(args, "preprocess_time", None) or args.time or profile.time
+    sbatch = {"job-name": f"megalign-prep-{name}", "nodes": "1", "ntasks": "1",
+              "cpus-per-task": str(args.cpus or profile.cpus_per_node)}
+    if plan.shards is not None:
+        sbatch["array"] = f"0-{plan.shards - 1}"
+    sbatch.update({"time": time_limit, **_common_sbatch(profile, args), "open-mode": "append",
+                   # %A_%a: one log per array task
+                   "output": str(log_dir / ("preprocess-%A_%a.out" if plan.shards else "preprocess-%j.out")),
+                   "chdir": str(Path.cwd())})
+    note = f"written by megalign-submit for cluster {profile.name}; `sbatch` this file to rerun"
+    lines = _header(profile, sbatch, [], _job_exports(profile), note)
     lines.append("set -- " + " ".join(shlex.quote(a) for a in plan.argv))
-    path = log_dir.parent / "slurm" / f"preprocess-{_stamp()}.sbatch"
-    return Job("preprocess", "\n".join(lines) + "\n" + script_body("preprocess"), path, [])
+    stamp = _stamp()
+    jobs = [Job("preprocess", "\n".join(lines) + "\n" + script_body("preprocess"),
+                log_dir.parent / "slurm" / f"preprocess-{stamp}.sbatch", [])]
+    if plan.shards is None:
+        return jobs
+    merge = {"job-name": f"megalign-merge-{name}", "nodes": "1", "ntasks": "1", "cpus-per-task": "2",
+             "time": time_limit, **_common_sbatch(profile, args), "open-mode": "append",
+             "output": str(log_dir / "merge-%j.out"), "chdir": str(Path.cwd())}
+    lines = _header(profile, merge, [], _job_exports(profile), note)
+    merge_args = ["--output-prefix", plan.output_prefix] + (["--overwrite"] if plan.overwrite else [])
+    lines.append("set -- " + " ".join(shlex.quote(a) for a in merge_args))
+    jobs.append(Job("merge", "\n".join(lines) + "\n" + script_body("merge"),
+                    log_dir.parent / "slurm" / f"merge-{stamp}.sbatch", []))
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -294,11 +329,14 @@ def run_train(args) -> list[str]:
     jobs = []
     if args.preprocess is not None:
         prefix = cfg.data.path if isinstance(cfg.data.path, str) else None
-        plan = plan_preprocess(shlex.split(args.preprocess), default_prefix=prefix)
+        plan = plan_preprocess(shlex.split(args.preprocess), default_prefix=prefix, shards=args.preprocess_shards)
         train = train_job(profile, args, cfg, after_preprocess=plan)
-        jobs.append(preprocess_job(profile, args, plan, train.path.parent.parent / "logs"))
+        jobs += preprocess_jobs(profile, args, plan, train.path.parent.parent / "logs")
         jobs.append(train)
     else:
+        if args.preprocess_shards is not None:
+            raise OptionError("preprocess_shards", "shards the --preprocess job: give {preprocess} too",
+                              mentions=("preprocess",))
         jobs.append(train_job(profile, args, cfg))
     if args.eval is not None:
         from megalign.config import checkpoint_dir
@@ -322,9 +360,9 @@ def run_preprocess(args) -> list[str]:
     profile = load_profile(args.cluster)
     if args.preprocess_args and args.preprocess_args[0] == "--":
         args.preprocess_args = args.preprocess_args[1:]
-    plan = plan_preprocess(args.preprocess_args)
+    plan = plan_preprocess(args.preprocess_args, shards=args.shards)
     log_dir = Path(plan.output_prefix).resolve().parent / "logs"
-    return submit([preprocess_job(profile, args, plan, log_dir)], args.dry_run, after=args.after)
+    return submit(preprocess_jobs(profile, args, plan, log_dir), args.dry_run, after=args.after)
 
 
 def _add_common(p) -> None:
@@ -369,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="preprocess_data.py's arguments (one quoted string): queued first, training after it; "
                         "--output-prefix defaults to data.path")
     t.add_argument("--preprocess-time", help="time limit of the preprocessing job (default: --time)")
+    t.add_argument("--preprocess-shards", type=at_least(1), metavar="N",
+                   help="preprocess as a job array of N shards, then a merge job; training waits for the merge")
     t.add_argument("--eval", metavar="ARGS",
                    help="python -m megalign.eval's arguments (one quoted string): queued after training; --model "
                         "defaults to the run's checkpoint directory, --out to RUN_DIR/eval")
@@ -379,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     p = sub.add_parser("preprocess", help="submit preprocessing: megalign-submit preprocess [options] -- ARGS")
     _add_common(p)
+    p.add_argument("--shards", type=at_least(1), metavar="N",
+                   help="a job array of N tasks, one shard of the corpus each (--shard slurm), then a merge job "
+                        "(tools/merge_data.py) that writes the dataset: the same bytes as one job")
     p.add_argument("preprocess_args", nargs="...", help="preprocess_data.py's arguments, after --")
     e = sub.add_parser("eval", help="submit an evaluation: megalign-submit eval [options] -- ARGS")
     _add_common(e)

@@ -184,3 +184,38 @@ def test_a_signalled_evaluation_requeues_and_generates_only_the_missing_items(sl
     assert results["tasks"]["needle"]["items"] == 36 and 0 < results["settings"]["generated"] < 36
     log = (out / "logs" / f"eval-{job}.out").read_text()
     assert "got SIGUSR1; stopping the evaluation" in log and "(restart 1)" in log
+
+
+def test_sharded_text_preprocessing_merges_into_one_runs_bytes_then_trains(slurm, bpe_tokenizer_dir, tmp_path):
+    """Stage 1 of the two-stage recipe on Slurm: a job array of 2 shards of text documents, the merge job after
+    it, training (token loss) after the merge; the merged dataset equals one local run's, file for file."""
+    from megalign.data import format as fmt
+    from megalign.data import synthetic
+    from megalign.data.preprocess import PreprocessOptions, preprocess
+
+    docs = synthetic.make_text_example(tmp_path, n_long=4, n_short=30, min_words=200, max_words=700, seed=5)
+    prefix = tmp_path / "data" / "longtext"
+    prefix.parent.mkdir()
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "stage1.yaml", prefix, run,
+                          model={"rotary_base": 2000000}, training={"steps": 2, "global_batch": 2, "loss": "token"})
+    args = (f"--input {docs['long']} {docs['short']} --ratios 1 0.5 --tokenizer {bpe_tokenizer_dir} "
+            "--seq-length 512")
+    array, merge, train = _submit_train(slurm, tmp_path, "--nodes", "1", "--config", str(config),
+                                        "--preprocess-shards", "2", "--preprocess", args)
+    train_state = slurm.wait(train, timeout=300)
+    merge_state = slurm.wait(merge)
+    assert merge_state["JobState"] == "COMPLETED" and train_state["JobState"] == "COMPLETED", (merge_state,
+                                                                                                train_state)
+    assert train_state["StartTime"] >= merge_state["EndTime"]
+    logs = run / "logs"
+    assert sorted(p.name for p in logs.glob("preprocess-*.out")) == [f"preprocess-{array}_{i}.out" for i in (0, 1)]
+    for i in (0, 1):
+        assert f"array task {i} of 2" in (logs / f"preprocess-{array}_{i}.out").read_text()
+    single = preprocess(PreprocessOptions(inputs=[str(docs["long"]), str(docs["short"])], ratios=[1, 0.5],
+                                          tokenizer=str(bpe_tokenizer_dir), seq_length=512,
+                                          output_prefix=str(tmp_path / "single"), progress=False))
+    for ours, theirs in zip(fmt.all_files(single.prefix), fmt.all_files(str(prefix))):
+        assert ours.read_bytes() == theirs.read_bytes(), theirs
+    assert not list(prefix.parent.glob("longtext.shard-*"))  # the merge removed the parts
+    assert json.loads((run / "run_status.json").read_text())["status"] == "finished"

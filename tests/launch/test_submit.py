@@ -183,3 +183,31 @@ def test_training_with_eval_queues_the_evaluation_of_its_checkpoints_after_it(da
     assert "train-" in train_call and "--dependency=afterok:4242" in eval_call
     written, = (run / "eval" / "slurm").glob("eval-*.sbatch")
     assert f"--model {run / 'checkpoints'}" in written.read_text()  # it need not exist yet
+
+
+def test_sharded_preprocessing_is_an_array_then_a_merge_then_training(dataset, bpe_tokenizer_dir, tmp_path,
+                                                                       fake_sbatch):
+    env, calls = fake_sbatch
+    config = write_config(tmp_path / "c.yaml", tmp_path / "new_ds", tmp_path / "run")
+    (tmp_path / "docs.jsonl").write_text('{"text": "a document"}\n')
+    prep = f"--input {tmp_path / 'docs.jsonl'} --tokenizer {bpe_tokenizer_dir} --seq-length 1024"
+    common = ["train", "--cluster", "local-cpu", "--nodes", "1", "--config", str(config)]
+    for args, message in {("--preprocess-shards", "2"): "--preprocess-shards shards the --preprocess job: give "
+                                                        "--preprocess too",
+                          ("--preprocess-shards", "2", "--preprocess", f"{prep} --shard 0/2"): "--shard is set per "
+                                                                                               "array task"}.items():
+        done = megalign_submit(*common, *args, cwd=tmp_path, env=env)
+        assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not calls.exists()
+    done = megalign_submit(*common, "--preprocess-shards", "3", "--preprocess", prep, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    array, merge, train = calls.read_text().splitlines()
+    assert "--dependency" not in array and "afterok:4242" in merge and "afterok:4242" in train
+    slurm_dir = tmp_path / "run" / "slurm"
+    prep_script = next(slurm_dir.glob("preprocess-*.sbatch")).read_text()
+    merge_script = next(slurm_dir.glob("merge-*.sbatch")).read_text()
+    assert "#SBATCH --array=0-2" in prep_script and "preprocess-%A_%a.out" in prep_script
+    assert prep_script.count("--shard slurm") == 1 and "megalign.preprocess" in prep_script
+    assert f"set -- --output-prefix {tmp_path / 'new_ds'}" in merge_script and "megalign.merge" in merge_script
+    for script in slurm_dir.glob("*.sbatch"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
