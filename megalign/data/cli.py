@@ -24,8 +24,10 @@ def _shard(text: str) -> tuple[int, int]:
 def preprocess_parser() -> Parser:
     p = Parser(
         prog="preprocess_data.py",
-        description="Turn JSONL chats or text documents into a packed, indexed dataset (megalign format v1). The kind "
-                    'of record comes from its keys: "messages"/"conversations" (chats) or "text" (documents).',
+        description="Turn JSONL chats, text documents or preference records into a packed, indexed dataset "
+                    "(megalign format v1; v2 for preference). The kind of record comes from its keys: "
+                    '"chosen" + "rejected" (preference groups), "messages"/"conversations" (chats) or "text" '
+                    "(documents).",
     )
     p.add_argument("--input", dest="inputs", nargs="+", required=True, metavar="FILE",
                    help="JSONL files (plain or .gz), all of one kind of record")
@@ -33,16 +35,17 @@ def preprocess_parser() -> Parser:
                    help="per input: expected copies of each record (0.3 keeps 30%%, 2 doubles); default 1 each")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or a SentencePiece .model")
     p.add_argument("--chat-template", choices=TEMPLATE_NAMES, metavar="NAME",
-                   help=f"chat records: one of {', '.join(TEMPLATE_NAMES)} (text records take none)")
+                   help=f"chat and preference records: one of {', '.join(TEMPLATE_NAMES)} (text records take none)")
     p.add_argument("--seq-length", type=int, required=True, help="tokens per pack")
     p.add_argument("--packing", default="bfd", choices=packing.STRATEGIES, metavar="STRATEGY",
                    help=f"one of: {', '.join(packing.STRATEGIES)} (default bfd)")
-    p.add_argument("--group-size", type=int, default=8, help="samples per group for --packing sorted (default 8)")
+    p.add_argument("--group-size", type=int, default=8, help="samples per pack for --packing sorted (preference records: groups per pack; default 8)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx, PREFIX_loss_mask.bin/.idx, PREFIX.json")
     p.add_argument("--overlength", choices=OVERLENGTH_POLICIES,
                    help="records longer than --seq-length: drop (counted as rejected; the default for chats), "
                         "truncate (keep the first --seq-length tokens), or split (text only, the default there: "
-                        "pieces of --seq-length tokens, each its own sample)")
+                        "pieces of --seq-length tokens, each its own sample); preference records: drop only (a "
+                        "group, prompt + all responses, is packed whole)")
     p.add_argument("--min-piece-length", type=int, metavar="N",
                    help="text: drop the last piece of a split document when it is shorter than N tokens (default 2)")
     p.add_argument("--positions", default="restart", choices=POSITION_MODES,

@@ -1,10 +1,11 @@
 """Pass 1 of preprocessing: records -> samples in worker processes, collected in input order into a part.
 
 The main process reads lines, decides each record's copies from the mixing ratios (seeded per record) and hands
-records out in fixed-size chunks; workers parse and validate them, apply the chat template (chat records) or
-BOS/EOS (text records) and tokenize; results come back in order, so the output is byte-identical for any number
+records out in fixed-size chunks; workers parse and validate them, apply the chat template (chat records, and
+each answer of a preference record: preference.py) or BOS/EOS (text records) and tokenize; results come back in order, so the output is byte-identical for any number
 of workers. The main process spills kept samples to the part's store (a document longer than the pack as its
-pieces, documents.py) and rejected records, with their reasons, to the part's rejects file.
+pieces, documents.py; a preference record as its group: prompt, chosen, rejected 0 .. M-1, one slot each, with
+their roles and reference scores) and rejected records, with their reasons, to the part's rejects file.
 
 A record of the other kind than its input's is an error naming the file and the line (one input holds one kind);
 every other bad record is a rejected record, never the end of the run.
@@ -23,8 +24,9 @@ from tqdm import tqdm
 
 from megalign.data import shards
 from megalign.data.documents import DocumentEncoder, piece_lengths
-from megalign.data.records import (TEXT, OversizedLine, RecordRejected, RejectReason, conversation_of,
-                                   decode_record, document_of, open_lines, record_kind)
+from megalign.data.preference import group_of, preference_of
+from megalign.data.records import (KIND_KEYS, PREFERENCE, TEXT, OversizedLine, RecordRejected, RejectReason,
+                                   conversation_of, decode_record, document_of, open_lines, record_kind)
 from megalign.data.shards import PartCollector
 from megalign.data.stats import InputCounts
 from megalign.data.templates import make_encoder
@@ -91,7 +93,7 @@ def _parse_chunk(chunk: list[tuple[int, int, bytes]], kind: str) -> tuple[list, 
     places in the chunk)."""
     outcomes: list = [None] * len(chunk)
     parsed, where = [], []
-    content_of = document_of if kind == TEXT else conversation_of
+    content_of = {TEXT: document_of, PREFERENCE: preference_of}.get(kind, conversation_of)
     for k, (input_index, line_no, raw) in enumerate(chunk):
         if isinstance(raw, OversizedLine):
             outcomes[k] = _reject(input_index, line_no, RejectReason.TOO_LARGE,
@@ -113,14 +115,48 @@ def _parse_chunk(chunk: list[tuple[int, int, bytes]], kind: str) -> tuple[list, 
 
 def _tokenize_chunk(chunk: list[tuple[int, int, bytes]]) -> list[tuple]:
     """(input, line, raw) records -> ("ok", input, line, tokens, packed mask bits or None (all ones), truncated)
-    | ("reject", input, line, reason, detail) | ("kind", input, line, the record's kind)."""
+    | ("group", input, line, tokens, lengths, reference scores or None) | ("reject", input, line, reason, detail)
+    | ("kind", input, line, the record's kind)."""
     state = _worker_state
     outcomes, parsed, where = _parse_chunk(chunk, state["kind"])
-    if state["kind"] == TEXT:
+    if state["kind"] == PREFERENCE:
+        conversations = [c for pref in parsed for c in pref.conversations()]
+        _group_outcomes(chunk, outcomes, parsed, _encode_each(state["encoder"], conversations, state["record_errors"]),
+                        where)
+    elif state["kind"] == TEXT:
         _text_outcomes(chunk, outcomes, state["encoder"].encode_many(parsed, state["token_dtype"]), where)
     else:
         _chat_outcomes(chunk, outcomes, _encode_each(state["encoder"], parsed, state["record_errors"]), where)
     return outcomes
+
+
+def _template_reject(input_index: int, line_no: int, error: Exception) -> tuple:
+    detail = " ".join(f"the chat template raised {type(error).__name__}: {error}".split())
+    return _reject(input_index, line_no, RejectReason.TEMPLATE_ERROR, detail[:500])
+
+
+def _group_outcomes(chunk, outcomes: list, parsed: list, samples: list, where: list[int]) -> None:
+    """A preference record's answers' samples -> its group, or a reject (the group must fit one pack whole)."""
+    seq_length, start = _worker_state["seq_length"], 0
+    for k, pref in zip(where, parsed):
+        input_index, line_no, _ = chunk[k]
+        mine, start = samples[start:start + len(pref.answers)], start + len(pref.answers)
+        failed = next((s for s in mine if isinstance(s, Exception)), None)
+        if failed is not None:
+            outcomes[k] = _template_reject(input_index, line_no, failed)
+            continue
+        try:
+            group = group_of(pref, mine)
+        except RecordRejected as e:
+            outcomes[k] = _reject(input_index, line_no, e.reason, e.detail)
+            continue
+        if len(group.tokens) > seq_length:
+            outcomes[k] = _reject(input_index, line_no, RejectReason.GROUP_TOO_LONG,
+                                  f"prompt {group.lengths[0]} + responses {sum(group.lengths[1:])} = "
+                                  f"{len(group.tokens)} tokens > seq_length {seq_length} (a group is packed whole)")
+            continue
+        outcomes[k] = ("group", input_index, line_no, group.tokens.astype(_worker_state["token_dtype"]), group.lengths,
+                       group.reference_logps)
 
 
 def _chat_outcomes(chunk, outcomes: list, samples: list, where: list[int]) -> None:
@@ -128,8 +164,7 @@ def _chat_outcomes(chunk, outcomes: list, samples: list, where: list[int]) -> No
     for k, sample in zip(where, samples):
         input_index, line_no, _ = chunk[k]
         if isinstance(sample, Exception):
-            detail = " ".join(f"the chat template raised {type(sample).__name__}: {sample}".split())
-            outcomes[k] = _reject(input_index, line_no, RejectReason.TEMPLATE_ERROR, detail[:500])
+            outcomes[k] = _template_reject(input_index, line_no, sample)
             continue
         tokens, mask, truncated = sample.tokens, sample.loss_mask, False
         if len(tokens) > seq_length:
@@ -245,6 +280,11 @@ def tokenize_records(run: dict, counts: list[InputCounts], collector: PartCollec
                     continue
                 if status == "kind":
                     raise _mixed_kinds(run, input_index, line_no, outcome[3])
+                if status == "group":
+                    _add_group(collector, outcome, n)
+                    c.kept += n
+                    c.duplicated += n - 1
+                    continue
                 tokens, mask_bits, truncated = outcome[3:]
                 if mask_bits is None:  # a document: its pieces
                     lengths, dropped = piece_lengths(len(tokens), run["seq_length"], run["min_piece_length"]) \
@@ -269,10 +309,25 @@ def tokenize_records(run: dict, counts: list[InputCounts], collector: PartCollec
             bar.update(len(outcomes))
 
 
+def _add_group(collector: PartCollector, outcome: tuple, copies: int) -> None:
+    """A group's samples: slot j has role j (groups.py: PROMPT 0, CHOSEN 1, REJECTED 2 + i), the prompt no loss."""
+    _, input_index, line_no, tokens, lengths, reference = outcome
+    slots, start = [], 0
+    for role, length in enumerate(lengths):
+        piece = tokens[start:start + length]
+        start += length
+        if role == 0:
+            slots.append(collector.add_slot(piece, np.zeros(length, np.uint8), 0, 0, role=0))
+        else:
+            slots.append(collector.add_slot(piece, None, length, 0, role=role,
+                                            reference=None if reference is None else reference[role - 1]))
+    collector.add_samples(slots, copies, input_index, line_no)
+
+
 def _mixed_kinds(run: dict, input_index: int, line_no: int, found: str) -> MegalignError:
     path, kind = run["input_paths"][input_index], run["record_kind"]
     first = run["input_kinds"][input_index][1]
-    keys = '"text"' if found == TEXT else '"messages"/"conversations"'
+    keys = KIND_KEYS[found]
     return MegalignError(
         f"{path} line {line_no}: a {found} record ({keys}) in an input of {kind} records (line {first} is one): one "
         f"input holds one kind of record; split the file by kind and preprocess each into its own dataset "

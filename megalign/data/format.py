@@ -1,10 +1,16 @@
-"""On-disk format v1: the files of a packed dataset PREFIX and how they are checked.
+"""On-disk formats v1 (chats, text) and v2 (preference groups): the files of a packed dataset PREFIX and how they
+are checked.
 
   PREFIX.bin / PREFIX.idx                      megatron-core IndexedDataset of token ids: one sequence per
                                                sample, one document per pack
   PREFIX_loss_mask.bin / PREFIX_loss_mask.idx  the same structure, uint8, 1 where a token is a target
   PREFIX_position_offsets.npy                  text records with positions continue only: int64, one per
                                                sequence (in .idx order), where its position ids start
+  PREFIX_roles.npy                             v2 (preference) only: int8, one per sequence (.idx order), its role
+                                               in its group (data/groups.py: 0 prompt, 1 chosen, 2 + j rejected j);
+                                               a group is consecutive sequences inside one document (pack)
+  PREFIX_reference_logps.npy                   v2, when the records carry reference scores: float64 per sequence,
+                                               the response's reference log-prob sum, NaN for prompts
   PREFIX.json                                  metadata: version, tokenizer, counts, stats, sizes, checksums
   PREFIX.rejects.jsonl                         every rejected record: input, line, reason (a report, not data)
 Each is a symlink into the version directory that .NAME.current points at (writer.py: how publishing is atomic);
@@ -16,11 +22,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # chats and text documents
+PREFERENCE_FORMAT_VERSION = 2  # preference groups: v1's files plus the roles (and reference scores)
 LOSS_MASK_SUFFIX = "_loss_mask"
 DATA_SUFFIXES = (".bin", ".idx", f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx")
 POSITION_OFFSETS_SUFFIX = "_position_offsets.npy"
-OPTIONAL_SUFFIXES = (POSITION_OFFSETS_SUFFIX,)  # data files only some datasets have
+ROLES_SUFFIX = "_roles.npy"
+REFERENCE_LOGPS_SUFFIX = "_reference_logps.npy"
+OPTIONAL_SUFFIXES = (POSITION_OFFSETS_SUFFIX, ROLES_SUFFIX, REFERENCE_LOGPS_SUFFIX)  # data files only some have
 META_SUFFIX = ".json"
 REJECTS_SUFFIX = ".rejects.jsonl"
 LOCK_SUFFIX = ".lock"
@@ -36,6 +45,14 @@ def optional_files(prefix: str) -> list[Path]:
 
 def position_offsets_file(prefix: str) -> Path:
     return Path(prefix + POSITION_OFFSETS_SUFFIX)
+
+
+def roles_file(prefix: str) -> Path:
+    return Path(prefix + ROLES_SUFFIX)
+
+
+def reference_logps_file(prefix: str) -> Path:
+    return Path(prefix + REFERENCE_LOGPS_SUFFIX)
 
 
 def meta_file(prefix: str) -> Path:

@@ -17,6 +17,12 @@ def describe(ds: PackedDataset) -> str:
         d = m["documents"]
         kind = (f"text documents (BOS {d['bos_id']}, EOS {d['eos_id']}; overlength {m['overlength']}, min piece "
                 f"{d['min_piece_length']}, positions {d['positions']}, largest position {d['max_position'] - 1})")
+    elif m.get("record_kind") == "preference":
+        g = m["preference"]
+        per_group = ", ".join(f"{n} groups with {k}" for k, n in g["responses_per_group"].items())
+        kind = (f"template {m['chat_template']}; preference groups {g['groups']} (responses per group: {per_group}), "
+                f"prompt tokens {g['prompt_tokens']}, response tokens {g['response_tokens']}, reference scores "
+                f"{'yes' if g['reference_logps'] else 'no'}")
     else:
         kind = f"template {m['chat_template']}"
     lines = [

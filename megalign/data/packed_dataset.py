@@ -1,5 +1,6 @@
-"""Read a packed dataset (format v1): pack k as tokens, loss mask, per-sample lengths and, for documents whose
-pieces continue each other's positions, per-sample position offsets (a `PackSource`, see source.py).
+"""Read a packed dataset (format v1, or v2 for preference groups): pack k as tokens, loss mask, per-sample lengths
+and, for documents whose pieces continue each other's positions, per-sample position offsets; for preference
+groups each sample's role and, when the dataset has them, its reference score (a `PackSource`, see source.py).
 
 Opening validates the metadata version, the file sizes and (by default) the checksums, so that a truncated,
 mismatched or half-written dataset is a clear error instead of a crash deep inside training.
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from megalign.data import format as fmt
+from megalign.data.groups import PROMPT, REJECTED, check_roles
 from megalign.errors import MegalignError
 
 
@@ -27,10 +29,13 @@ class Pack:
     # [n] preference datasets: each sample's role in its group (data/groups.py: PROMPT, CHOSEN, REJECTED + j); a group
     # is a prompt followed by its responses, never split across packs. None: not a preference dataset
     roles: np.ndarray | None = None
+    # [n] float64, preference datasets with precomputed reference scores: each response's reference log-prob sum
+    # (NaN for prompts). None: no scores
+    reference_logps: np.ndarray | None = None
 
 
 class PackedDataset:
-    """A format-v1 dataset at `prefix`. `verify`: "full" (sizes and checksums), "sizes", or "none"."""
+    """A format-v1 or v2 dataset at `prefix`. `verify`: "full" (sizes and checksums), "sizes", or "none"."""
 
     def __init__(self, prefix: str, verify: str = "full"):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -43,7 +48,15 @@ class PackedDataset:
         self._offsets = None
         if self.meta.get("documents", {}).get("positions") == "continue":
             self._offsets = _read_position_offsets(self.prefix)
+        self._roles = self._reference = None
+        if self.meta["format_version"] == fmt.PREFERENCE_FORMAT_VERSION:
+            self._roles = _read_array(self.prefix, fmt.roles_file(self.prefix), "each sequence's role in its preference group")
+            if self.meta["preference"].get("reference_logps"):
+                self._reference = _read_array(self.prefix, fmt.reference_logps_file(self.prefix),
+                                              "each response's reference score")
         self._check_structure()
+        if self._roles is not None:
+            self._check_roles()
 
     def _check_structure(self) -> None:
         meta, tokens, mask = self.meta, self._tokens, self._mask
@@ -58,8 +71,35 @@ class PackedDataset:
             problems.append("token and loss-mask indexes differ")
         if self._offsets is not None and len(self._offsets) != len(tokens):
             problems.append(f"{len(self._offsets)} position offsets for {len(tokens)} sequences")
+        for name, values in (("roles", self._roles), ("reference scores", self._reference)):
+            if values is not None and len(values) != len(tokens):
+                problems.append(f"{len(values)} {name} for {len(tokens)} sequences")
         if problems:
             raise MegalignError(f"dataset {self.prefix} is inconsistent: {'; '.join(problems)}")
+
+    def _check_roles(self) -> None:
+        """Every pack holds whole groups in role order (checked for all packs at once; the first bad one named)."""
+        roles = np.asarray(self._roles, dtype=np.int64)
+        bounds = np.asarray(self.pack_boundaries, dtype=np.int64)
+        if not len(roles):
+            return
+        previous = np.concatenate([[-1], roles[:-1]])
+        previous[bounds[:-1]] = -1  # nothing before a pack's first sample
+        ok = np.where(roles == PROMPT, (previous == -1) | (previous >= REJECTED), (previous != -1) & (roles == previous + 1))
+        bad_packs = np.flatnonzero(roles[bounds[1:] - 1] < REJECTED)  # a pack ends with a whole group
+        if not ok.all():
+            bad_packs = np.append(bad_packs, np.searchsorted(bounds, np.argmin(ok), side="right") - 1)
+        if not len(bad_packs):
+            return
+        bad = int(bad_packs.min())
+        first, end = int(bounds[bad]), int(bounds[bad + 1])
+        try:
+            check_roles(roles[first:end])
+            problem = "its groups are not whole"
+        except ValueError as e:
+            problem = str(e)
+        raise MegalignError(f"dataset {self.prefix} pack {bad}: {problem} ({fmt.roles_file(self.prefix)} is damaged "
+                            "or from another run; re-run preprocessing)")
 
     def __len__(self) -> int:
         return self.meta["num_packs"]
@@ -107,7 +147,9 @@ class PackedDataset:
         tokens = np.concatenate(self._tokens[first:last])
         loss_mask = np.concatenate(self._mask[first:last])
         offsets = None if self._offsets is None else np.asarray(self._offsets[first:last], dtype=np.int64)
-        return Pack(tokens, loss_mask, np.asarray(lengths), offsets)
+        roles = None if self._roles is None else np.asarray(self._roles[first:last], dtype=np.int64)
+        reference = None if self._reference is None else np.asarray(self._reference[first:last], dtype=np.float64)
+        return Pack(tokens, loss_mask, np.asarray(lengths), offsets, roles, reference)
 
 
 def _read_position_offsets(prefix: str) -> np.ndarray:
@@ -115,6 +157,16 @@ def _read_position_offsets(prefix: str) -> np.ndarray:
     if not path.is_file():
         raise MegalignError(f"{path} is missing: the metadata says the positions continue across pieces, and this "
                             f"file holds where each piece's positions start (the dataset at {prefix} is incomplete)")
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise MegalignError(f"{path} is not a numpy array file ({e}); re-run preprocessing") from None
+
+
+def _read_array(prefix: str, path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise MegalignError(f"{path} is missing: the metadata says the dataset has it ({what}); the dataset at "
+                            f"{prefix} is incomplete: re-run preprocessing")
     try:
         return np.load(path, mmap_mode="r")
     except ValueError as e:
@@ -132,11 +184,17 @@ def read_metadata(prefix: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MegalignError(f"{path} is not valid JSON ({e}); re-run preprocessing") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != fmt.FORMAT_VERSION:
+    kind = meta.get("record_kind") if isinstance(meta, dict) else None
+    expected = fmt.PREFERENCE_FORMAT_VERSION if kind == "preference" else fmt.FORMAT_VERSION
+    if version != expected:
         raise MegalignError(
-            f"{path} has format_version {version!r}; this megalign reads version {fmt.FORMAT_VERSION}. "
+            f"{path} has format_version {version!r}; this megalign reads version {expected} for "
+            f"{kind or 'chat/text'} datasets (1: chats and text documents, 2: preference groups). "
             "Re-run tools/preprocess_data.py with this version"
         )
+    if kind == "preference" and not isinstance(meta.get("preference"), dict):
+        raise MegalignError(f"{path}: a preference dataset without its 'preference' section; the metadata is "
+                            "damaged: re-run preprocessing")
     problem = _metadata_problem(meta)
     if problem:
         raise MegalignError(f"{path}: {problem}; the metadata is damaged: re-run preprocessing")

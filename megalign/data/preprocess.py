@@ -1,4 +1,5 @@
-"""JSONL records (chats or text documents) -> packed, indexed binaries (format v1). The library behind
+"""JSONL records (chats, text documents or preference groups) -> packed, indexed binaries (format v1; v2 for
+preference groups). The library behind
 tools/preprocess_data.py and tools/merge_data.py.
 
 Three passes, memory bounded by the number of samples (lengths), never by the number of tokens:
@@ -6,11 +7,12 @@ Three passes, memory bounded by the number of samples (lengths), never by the nu
      processes parse, validate, apply the chat template (chats) or BOS/EOS (documents) and tokenize; spill kept
      samples (a long document as its pack-length pieces) to a scratch store, rejected records to the rejects
      (encoding.py)
-  2. pack the sample lengths
+  2. pack the sample lengths (preference records: the total lengths of their groups, each group one unit that is
+     never split, its samples consecutive in role order: prompt, chosen, rejected 0 .. M-1)
   3. write the packs (megatron-core's IndexedDataset files, indexed.py: no torch import) and the metadata into
      a new version directory, then publish it with one atomic rename: PREFIX is the previous complete dataset or
      the new one, never neither (writer.py describes the layout).
-A record's kind (chat or text) comes from its keys; one input holds one kind and one run one kind (records.py).
+A record's kind (chat, text or preference) comes from its keys; one input holds one kind and one run one kind (records.py).
 With `shard` (I, N), a run does pass 1 for its share of the records only and publishes it as a part
 (shards.py); `merge` does passes 2 and 3 over the N parts: the same dataset, byte for byte, as one run.
 
@@ -35,11 +37,11 @@ from tqdm import tqdm
 
 import megalign
 from megalign.data import format as fmt
-from megalign.data import packing, shards, stats, writer
+from megalign.data import packing, preference, shards, stats, writer
 from megalign.data.documents import POSITION_MODES, DocumentEncoder
 from megalign.data.encoding import tokenize_records
 from megalign.data.indexed import optimal_token_dtype
-from megalign.data.records import CHAT, TEXT, input_kind
+from megalign.data.records import CHAT, PREFERENCE, TEXT, input_kind
 from megalign.data.sample_store import SampleStore
 from megalign.data.shards import Part, PartCollector
 from megalign.data.stats import InputCounts
@@ -47,7 +49,8 @@ from megalign.data.templates import TEMPLATE_NAMES, make_encoder
 from megalign.data.tokenizer import load_tokenizer
 from megalign.errors import MegalignError, OptionError
 
-OVERLENGTH_POLICIES = ("drop", "truncate", "split")  # split: text records only
+OVERLENGTH_POLICIES = ("drop", "truncate", "split")  # split: text records only; preference records: drop only
+RECORD_ORDER = {CHAT: 0, TEXT: 1, PREFERENCE: 2}  # how a mix of kinds is named
 MAX_SEQ_LENGTH = 2**31 - 1  # megatron's .idx stores sequence lengths as int32
 
 
@@ -142,9 +145,9 @@ class PreprocessOptions:
             if kind is not None:
                 found.setdefault(kind, (path, line))
         if len(found) > 1:
-            (chat_path, chat_line), (text_path, text_line) = found[CHAT], found[TEXT]
-            raise OptionError("inputs", f"mix chat records ({chat_path}, line {chat_line}) and text records "
-                              f"({text_path}, line {text_line}): one run makes one kind of dataset; preprocess each "
+            (a, (a_path, a_line)), (b, (b_path, b_line)) = sorted(found.items(), key=lambda kv: RECORD_ORDER[kv[0]])[:2]
+            raise OptionError("inputs", f"mix {a} records ({a_path}, line {a_line}) and {b} records "
+                              f"({b_path}, line {b_line}): one run makes one kind of dataset; preprocess each "
                               "kind into its own prefix and mix them in training (data.path=[A, B], "
                               "data.weights=[...])")
         return next(iter(found), CHAT)
@@ -153,18 +156,25 @@ class PreprocessOptions:
         """The options that depend on the kind of record: chats need a template, documents take the piece options."""
         example = next((p for p, (k, _) in zip(self.inputs, self.input_kinds()) if k == kind), self.inputs[0])
         policies = OVERLENGTH_POLICIES if kind == TEXT else OVERLENGTH_POLICIES[:2]
+        if kind == PREFERENCE and self.overlength in ("truncate", "split"):
+            raise OptionError("overlength", f"{self.overlength} cannot apply to preference records ({example}): a "
+                              "group (prompt + every response) is packed whole, and cutting it would cut the prompt "
+                              "or drop answers; only drop (the default) is valid: longer groups are rejected "
+                              "(group_too_long), so raise {seq_length} to keep them", mentions=("seq_length",))
         if self.overlength is not None and self.overlength not in policies:
             raise OptionError("overlength", f"{self.overlength!r} is unknown; valid: {', '.join(policies)}"
                               + (" (split is for text records)" if self.overlength == "split" else ""))
-        if kind == CHAT:
+        if kind in (CHAT, PREFERENCE):
+            what = "chat" if kind == CHAT else "preference"
             if self.chat_template is None:
-                raise OptionError("chat_template", f"is needed for chat records ({example}); valid: "
+                raise OptionError("chat_template", f"is needed for {what} records ({example}); valid: "
                                   f"{', '.join(TEMPLATE_NAMES)}")
             for name, value, default in (("min_piece_length", self.min_piece_length, None),
                                          ("positions", self.positions, "restart")):
                 if value != default:
                     raise OptionError(name, f"is for text records (documents cut into pieces); {example} "
-                                      "holds chats, which are never cut: leave it out")
+                                      f"holds {'chats' if kind == CHAT else 'preference records'}, which are never "
+                                      "cut: leave it out")
             return
         if self.chat_template is not None:
             raise OptionError("chat_template", f"is for chat records; {example} holds text records (BOS + text "
@@ -388,15 +398,10 @@ def merge(opts: MergeOptions) -> PreprocessResult:
 def _finish(run: dict, parts: list[Part], prefix: str, temp_prefix: str, progress: bool | None) -> dict:
     """Passes 2 and 3: the counts, the rejects file, the packs and the data files of `parts` at temp_prefix;
     returns the metadata (written too). The same for one run's part and for the parts of its shards."""
+    if run["record_kind"] == PREFERENCE:
+        return _finish_groups(run, parts, prefix, temp_prefix, progress)
     token_dtype = np.dtype(run["token_dtype"]).type
-    counts = shards.total_counts(parts)
-    totals = stats.total_counts(counts)
-    stats.reconcile(totals)
-    rejects = fmt.rejects_file(temp_prefix)
-    if [p.rejects for p in parts] != [rejects]:  # shards: their rejects, in a single run's order
-        with open(rejects, "w", encoding="utf-8") as out:
-            out.writelines(shards.merged_rejects(parts))
-    _check_reject_fraction(run, totals, prefix, temp_prefix)
+    counts, totals = _count_and_check(run, parts, prefix, temp_prefix)
 
     sample_slots, slots = shards.sample_order(parts)
     lengths = slots[sample_slots, 0]
@@ -420,6 +425,75 @@ def _finish(run: dict, parts: list[Part], prefix: str, temp_prefix: str, progres
     return metadata
 
 
+def _count_and_check(run: dict, parts: list[Part], prefix: str, temp_prefix: str):
+    counts = shards.total_counts(parts)
+    totals = stats.total_counts(counts)
+    stats.reconcile(totals)
+    rejects = fmt.rejects_file(temp_prefix)
+    if [p.rejects for p in parts] != [rejects]:  # shards: their rejects, in a single run's order
+        with open(rejects, "w", encoding="utf-8") as out:
+            out.writelines(shards.merged_rejects(parts))
+    _check_reject_fraction(run, totals, prefix, temp_prefix)
+    return counts, totals
+
+
+def _finish_groups(run: dict, parts: list[Part], prefix: str, temp_prefix: str, progress: bool | None) -> dict:
+    """_finish for preference records: groups packed whole, the roles (and reference scores) written beside."""
+    counts, totals = _count_and_check(run, parts, prefix, temp_prefix)
+    sample_slots, slots, keys = shards.sample_order(parts, keys=True)
+    roles = shards.slot_column(parts, "roles")[sample_slots]
+    reference = shards.slot_column(parts, "reference_logps")[sample_slots]
+    has_reference = _check_reference_everywhere(run, roles, reference, keys)
+    lengths = slots[sample_slots, 0]
+    starts, group_lengths = preference.group_starts_and_lengths(roles, lengths)
+    group_packs = packing.pack(group_lengths, run["seq_length"], run["packing"], run["seed"], run["group_size"])
+    packs = preference.expand_groups(group_packs, starts, len(lengths))
+    store = parts[0].store if len(parts) == 1 else shards.MergedStores(parts)
+    with tqdm(total=int(lengths.sum()), unit="tok", desc="write", disable=None if progress is None else not progress,
+              unit_scale=True) as bar:
+        max_token_id = writer.write_packs(temp_prefix, store, sample_slots, packs, token_dtype=np.dtype(
+            run["token_dtype"]).type, on_pack=bar.update)
+    in_file_order = np.concatenate([np.asarray(p, np.int64) for p in packs]) if packs else np.zeros(0, np.int64)
+    writer.write_roles(temp_prefix, roles[in_file_order])
+    if has_reference:
+        writer.write_reference_logps(temp_prefix, reference[in_file_order])
+
+    pack_lengths = np.array([int(lengths[p].sum()) for p in packs], dtype=np.int64)
+    metadata = _metadata(run, counts, totals, lengths, pack_lengths, int(slots[sample_slots, 1].sum()))
+    responses = np.diff(np.append(starts, len(roles))) - 1
+    prompt_tokens = int(lengths[starts].sum())
+    metadata["format_version"] = fmt.PREFERENCE_FORMAT_VERSION
+    metadata["preference"] = {
+        "groups": len(starts),
+        "roles": {"prompt": 0, "chosen": 1, "rejected": "2 + j"},
+        "responses_per_group": {str(k): int(v) for k, v in zip(*np.unique(responses, return_counts=True))},
+        "prompt_tokens": prompt_tokens,
+        "response_tokens": int(lengths.sum()) - prompt_tokens,
+        "reference_logps": has_reference,
+        "group_length_histogram": stats.length_histogram(group_lengths, run["seq_length"]),
+    }
+    metadata["max_token_id"] = max_token_id
+    metadata["files"] = writer.file_records(temp_prefix)
+    fmt.meta_file(temp_prefix).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+    return metadata
+
+
+def _check_reference_everywhere(run: dict, roles: np.ndarray, reference: np.ndarray, keys: np.ndarray) -> bool:
+    """Whether the dataset has reference scores: every response has one, or none has; else an error naming a
+    record of each sort."""
+    responses = roles != 0
+    has = ~np.isnan(reference) & responses
+    if not has.any():
+        return False
+    lacking = responses & ~has
+    if lacking.any():
+        (i, line), (j, other) = keys[np.argmax(lacking)], keys[np.argmax(has)]
+        raise MegalignError(f"{run['input_paths'][i]} line {line} has no reference_logps, but "
+                            f"{run['input_paths'][j]} line {other} has: give every preference record its reference "
+                            "scores (one per response), or none")
+    return True
+
+
 def _check_reject_fraction(run: dict, totals: dict, prefix: str, temp_prefix: str) -> None:
     rejected = sum(totals["rejected"].values())
     considered = totals["read"] - totals["sampled_out"]
@@ -430,13 +504,14 @@ def _check_reject_fraction(run: dict, totals: dict, prefix: str, temp_prefix: st
     if rejected == considered or rejected / considered > limit:
         os.replace(fmt.rejects_file(temp_prefix), fmt.rejects_file(prefix))  # the evidence stays
         reasons = ", ".join(f"{k}: {v}" for k, v in totals["rejected"].items())
-        fix = "set {overlength} truncate" if run["record_kind"] == CHAT else "set {overlength} split"
+        fix = {CHAT: "set {overlength} truncate", TEXT: "set {overlength} split",
+               PREFERENCE: "raise {seq_length} for group_too_long"}[run["record_kind"]]
         raise OptionError(
             "max_reject_fraction",
             f"{limit} is exceeded: {rejected} of {considered} records rejected "
             f"({rejected / considered:.2%}; {reasons}); see {fmt.rejects_file(prefix)}. Fix the input, "
             f"or raise {{max_reject_fraction}} (or {fix}) if that is expected",
-            mentions=("max_reject_fraction", "overlength"))
+            mentions=("max_reject_fraction", "overlength", "seq_length"))
 
 
 def _metadata(run: dict, counts, totals, lengths, pack_lengths, loss_tokens) -> dict:
@@ -479,6 +554,10 @@ def summary(result: PreprocessResult) -> str:
     if "samples" in c:  # documents: a kept record may be several samples
         kept = (f"kept {c['kept']} documents (duplicated {c['duplicated']}, truncated {c['truncated']}) as "
                 f"{c['samples']} samples ({c['split']} documents cut into pieces, {c['tails_dropped']} tails dropped)")
+    elif "preference" in m:
+        g = m["preference"]
+        kept = (f"kept {c['kept']} groups (duplicated {c['duplicated']}) as {m['num_samples']} samples: prompts "
+                f"{g['prompt_tokens']} tokens, responses {g['response_tokens']}")
     else:
         kept = f"kept {c['kept']} samples (duplicated {c['duplicated']}, truncated {c['truncated']})"
     records = f"read {c['read']}, {kept}, sampled out {c['sampled_out']}, rejected {rejected}"
@@ -490,7 +569,8 @@ def summary(result: PreprocessResult) -> str:
             f"wrote shard {i}/{n} to {result.prefix}; once all {n} shards are done, join them with "
             f"tools/merge_data.py --output-prefix {result.prefix.rsplit('.shard-', 1)[0]}",
             f"records of this shard: {records}" + (f" ({reasons})" if rejected else ""), tokens])
-    offsets = f" and {result.prefix}{fmt.POSITION_OFFSETS_SUFFIX}" if fmt.POSITION_OFFSETS_SUFFIX in m["files"] else ""
+    extra = [f"{result.prefix}{s}" for s in fmt.OPTIONAL_SUFFIXES if s in m["files"]]
+    offsets = f" and {', '.join(extra)}" if extra else ""
     return "\n".join([
         f"wrote {result.prefix}.{{bin,idx,json}} and {result.prefix}{fmt.LOSS_MASK_SUFFIX}.{{bin,idx}}{offsets}",
         f"records: {records}" + (f" ({reasons}; see {result.prefix}{fmt.REJECTS_SUFFIX})" if rejected else ""),

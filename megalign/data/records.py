@@ -1,11 +1,13 @@
 """JSONL records -> Conversation or document text, with a named reason for every record that is turned away.
 
-Two kinds of record, recognised from their keys (`record_kind`):
+Three kinds of record, recognised from their keys (`record_kind`):
   chat  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (LongAlign, OpenAI)
         {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}      (ShareGPT)
   text  {"text": str, ...}                                                             (raw documents; other keys
                                                                                         are ignored)
-A record with chat keys is a chat even if it also has "text" (chat datasets often carry a rendered copy).
+  preference  a prompt with "chosen" and "rejected" answers (preference.py parses them)
+A record with "chosen" and "rejected" is a preference record even if it has chat keys (its prompt is one); a
+record with chat keys is a chat even if it also has "text" (chat datasets often carry a rendered copy).
 A conversation is: an optional system message, then user/assistant turns alternating, starting with a user
 turn and ending with an assistant turn (a trailing user turn would be tokens that never carry loss).
 One input holds one kind: `input_kind` finds a file's kind from its first record that has one.
@@ -23,9 +25,11 @@ from typing import Iterator
 
 from megalign.errors import MegalignError
 
-CHAT, TEXT = "chat", "text"
-RECORD_KINDS = (CHAT, TEXT)
+CHAT, TEXT, PREFERENCE = "chat", "text", "preference"
+RECORD_KINDS = (CHAT, TEXT, PREFERENCE)
 CHAT_KEYS = ("messages", "conversations")
+PREFERENCE_KEYS = ("chosen", "rejected")
+KIND_KEYS = {CHAT: '"messages"/"conversations"', TEXT: '"text"', PREFERENCE: '"chosen" + "rejected"'}
 
 ROLE_ALIASES = {
     "system": "system",
@@ -50,6 +54,13 @@ class RejectReason(str, Enum):
     TOO_LONG = "too_long"
     NO_LOSS_TOKENS = "no_loss_tokens"
     TEMPLATE_ERROR = "template_error"
+    # preference records (preference.py)
+    EMPTY_RESPONSE = "empty_response"
+    IDENTICAL_RESPONSES = "chosen_equals_rejected"
+    PROMPT_NOT_USER_LAST = "prompt_not_ending_with_user"
+    GROUP_TOO_LONG = "group_too_long"
+    REFERENCE_MISMATCH = "reference_logps_mismatch"
+    PROMPT_NOT_SHARED = "prompt_not_shared"
 
 
 class RecordRejected(Exception):
@@ -101,7 +112,9 @@ def decode_record(raw: bytes) -> dict:
 
 
 def record_kind(record: dict) -> str | None:
-    """CHAT, TEXT, or None when the keys are neither kind's."""
+    """CHAT, TEXT, PREFERENCE, or None when the keys are no kind's."""
+    if all(k in record for k in PREFERENCE_KEYS):
+        return PREFERENCE
     if any(k in record for k in CHAT_KEYS):
         return CHAT
     if "text" in record:

@@ -17,6 +17,8 @@ A part directory:
   samples.tokens, samples.mask     the SampleStore (sample_store.py): each distinct sample once, by slot
   slots.npy                        [slots, 3] int64: length, loss targets, position offset
   samples.npy                      [samples, 3] int64: slot, input index, line (a slot once per copy)
+  roles.npy, reference_logps.npy   preference records only: per slot, its role in its group (int8, groups.py)
+                                   and its reference score (float64, NaN: none, and for every prompt)
   rejects.jsonl, reject_keys.npy   the rejected records (lines of the dataset's rejects file), their (input, line)
   part.json                        the run (every option that decides the output), the shard, per-input counts;
                                    written last, then the directory is renamed into place: a part is complete or
@@ -130,6 +132,8 @@ class Part:
     reject_keys: np.ndarray  # [rejects, 2] int64: input index, line
     run: dict  # every option that decides the output (identical across the shards of one corpus)
     shard: tuple[int, int] | None = None
+    roles: np.ndarray | None = None  # [slots] int8: preference records' roles in their groups; None: other kinds
+    reference_logps: np.ndarray | None = None  # [slots] float64 with roles: reference scores, NaN where none
 
     def close(self) -> None:
         self.store.close()
@@ -144,10 +148,16 @@ class PartCollector:
         self.rejects_path = rejects
         self.rejects = open(rejects, "w", encoding="utf-8")
         self._slots, self._samples, self._reject_keys = array("q"), array("q"), array("q")
+        self._roles, self._reference = array("b"), array("d")
 
-    def add_slot(self, tokens: np.ndarray, loss_mask: np.ndarray | None, loss_targets: int, offset: int) -> int:
+    def add_slot(self, tokens: np.ndarray, loss_mask: np.ndarray | None, loss_targets: int, offset: int,
+                 role: int | None = None, reference: float | None = None) -> int:
+        """Store one slot; preference records give every slot its role (and a reference score, or None)."""
         slot = self.store.append(tokens, loss_mask)
         self._slots.extend((len(tokens), loss_targets, offset))
+        if role is not None:
+            self._roles.append(role)
+            self._reference.append(float("nan") if reference is None else reference)
         return slot
 
     def add_samples(self, slots: list[int], copies: int, input_index: int, line: int) -> None:
@@ -167,8 +177,12 @@ class PartCollector:
 
     def finish(self, counts: list[InputCounts], run: dict, shard: tuple[int, int] | None = None) -> Part:
         """The part collected (call after the `with` block has closed the rejects file)."""
+        roles = reference = None
+        if run["record_kind"] == "preference":
+            roles = np.frombuffer(self._roles, dtype=np.int8).copy()
+            reference = np.frombuffer(self._reference, dtype=np.float64).copy()
         return Part(self.store, _as_rows(self._slots, 3), _as_rows(self._samples, 3), counts, self.rejects_path,
-                    _as_rows(self._reject_keys, 2), run, shard)
+                    _as_rows(self._reject_keys, 2), run, shard, roles, reference)
 
 
 def _as_rows(a: array, width: int) -> np.ndarray:
@@ -180,6 +194,9 @@ def save_part(part: Part, directory: Path) -> None:
     np.save(directory / "slots.npy", part.slots)
     np.save(directory / "samples.npy", part.samples)
     np.save(directory / "reject_keys.npy", part.reject_keys)
+    if part.roles is not None:
+        np.save(directory / "roles.npy", part.roles)
+        np.save(directory / "reference_logps.npy", part.reference_logps)
     meta = {"part_format": PART_FORMAT, "shard": list(part.shard) if part.shard else None, "run": part.run,
             "counts": [c.as_dict() for c in part.counts], "num_slots": len(part.slots),
             "num_samples": len(part.samples), "num_rejects": len(part.reject_keys)}
@@ -214,12 +231,19 @@ def load_part(directory: Path) -> Part:
     slots = np.load(directory / "slots.npy")
     samples = np.load(directory / "samples.npy")
     reject_keys = np.load(directory / "reject_keys.npy")
-    if (len(slots), len(samples), len(reject_keys)) != (meta["num_slots"], meta["num_samples"], meta["num_rejects"]):
+    roles = reference = None
+    if meta["run"]["record_kind"] == "preference":
+        try:
+            roles, reference = np.load(directory / "roles.npy"), np.load(directory / "reference_logps.npy")
+        except (OSError, ValueError) as e:
+            raise MegalignError(f"{directory}: cannot read its roles ({e}); run that shard again") from None
+    if (len(slots), len(samples), len(reject_keys)) != (meta["num_slots"], meta["num_samples"], meta["num_rejects"]) \
+            or (roles is not None and not len(roles) == len(reference) == len(slots)):
         raise MegalignError(f"{directory}: its arrays do not match its part.json (damaged); run that shard again")
     store = SampleStore.open(directory, np.dtype(meta["run"]["token_dtype"]), slots[:, 0])
     counts = [InputCounts.from_dict(c) for c in meta["counts"]]
     return Part(store, slots, samples, counts, directory / "rejects.jsonl", reject_keys, meta["run"],
-                tuple(meta["shard"]) if meta["shard"] else None)
+                tuple(meta["shard"]) if meta["shard"] else None, roles, reference)
 
 
 def check_same_run(parts: list[Part], directories: list[Path]) -> dict:
@@ -248,14 +272,22 @@ class MergedStores:
         return self.stores[k].get(slot - int(self.offsets[k]))
 
 
-def sample_order(parts: list[Part]) -> tuple[np.ndarray, np.ndarray]:
-    """Every sample of the parts in a single run's order: (global slot per sample, [slots, 3] of all parts)."""
+def sample_order(parts: list[Part], keys: bool = False):
+    """Every sample of the parts in a single run's order: (global slot per sample, [slots, 3] of all parts), and
+    with `keys` the [samples, 2] (input index, line) of each sample too."""
     slots = np.concatenate([p.slots for p in parts]) if parts else np.zeros((0, 3), np.int64)
     offsets = np.cumsum([0] + [len(p.slots) for p in parts])
     samples = np.concatenate([p.samples + [[o, 0, 0]] for p, o in zip(parts, offsets)])
     if len(parts) > 1:  # lexsort is stable: a record's samples keep their order (they are all in one part)
         samples = samples[np.lexsort((samples[:, 2], samples[:, 1]))]
+    if keys:
+        return samples[:, 0].copy(), slots, samples[:, 1:].copy()
     return samples[:, 0].copy(), slots
+
+
+def slot_column(parts: list[Part], name: str) -> np.ndarray:
+    """A per-slot array of all parts ("roles" or "reference_logps"), in sample_order's global slot order."""
+    return np.concatenate([getattr(p, name) for p in parts])
 
 
 def merged_rejects(parts: list[Part]) -> Iterator[str]:

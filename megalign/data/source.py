@@ -12,6 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from megalign.data.groups import check_roles
 from megalign.data.packed_dataset import Pack
 
 
@@ -50,6 +51,15 @@ class InMemoryPacks:
                                  f"{len(p.loss_mask)} loss-mask values")
             if p.position_offsets is not None and len(p.position_offsets) != len(p.lengths):
                 raise ValueError(f"pack {i}: {len(p.position_offsets)} position offsets for {len(p.lengths)} samples")
+            for name in ("roles", "reference_logps"):
+                values = getattr(p, name)
+                if values is not None and len(values) != len(p.lengths):
+                    raise ValueError(f"pack {i}: {len(values)} {name} for {len(p.lengths)} samples")
+            if p.roles is not None:
+                try:
+                    check_roles(p.roles)
+                except ValueError as e:
+                    raise ValueError(f"pack {i}: {e}") from None
         self.packs = list(packs)
         self._vocab_size = int(vocab_size)
         self.name = name
@@ -76,4 +86,8 @@ class InMemoryPacks:
         for p in self.packs:
             for a in (p.tokens, p.loss_mask, p.lengths) + (() if p.position_offsets is None else (p.position_offsets,)):
                 digest.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+            if p.roles is not None:
+                digest.update(b"roles" + np.ascontiguousarray(p.roles, dtype=np.int64).tobytes())
+            if p.reference_logps is not None:
+                digest.update(b"reference" + np.ascontiguousarray(p.reference_logps, dtype=np.float64).tobytes())
         return {"path": self.name, "sha256": {"packs": digest.hexdigest()}}

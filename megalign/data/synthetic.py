@@ -1,5 +1,6 @@
 """A small long-context instruction set made offline: retrieval over long filler text, mixed with short chats;
-and raw text documents for continued pretraining (long "books" and "code files", short notes).
+raw text documents for continued pretraining (long "books" and "code files", short notes); and preference
+groups (a long passkey context, the right key chosen, wrong keys rejected).
 
 Long samples hide a fact (a passkey, or the value of one key among many) inside filler text and ask for it, so
 a model can only answer by attending far back; short samples are one- or two-turn chats. Used by the
@@ -158,3 +159,39 @@ def make_text_example(out_dir: str | Path, n_long: int, n_short: int, min_words:
     write_jsonl(paths["long"], (long_document(rng, min_words, max_words) for _ in range(n_long)))
     write_jsonl(paths["short"], (short_document(rng) for _ in range(n_short)))
     return paths
+
+
+def preference_record(rng: random.Random, n_words: int, rejected: int = 2, form: str = "messages",
+                      reference: bool = False) -> dict:
+    """A passkey question over n_words of filler: the right key chosen, `rejected` wrong keys rejected. `form`:
+    "messages", "conversations" (ShareGPT) or "prompt" (the string form); `reference` adds made-up reference
+    scores (a higher one for the chosen answer)."""
+    key = rng.randint(10000, 99999)
+    wrong = rng.sample([k for k in range(10000, 100000, 997) if k != key], rejected)
+    before = rng.randint(0, n_words)
+    question = (f"{filler(rng, before)} The pass key is {key}. Remember it. {filler(rng, n_words - before)}\n\n"
+                "What is the pass key?")
+    answers = [f"The pass key is {k}." for k in [key, *wrong]]
+    if form == "messages":
+        record = {"messages": [{"role": "user", "content": question}]}
+    elif form == "conversations":
+        record = {"conversations": [{"from": "human", "value": question}]}
+    else:
+        record = {"prompt": question}
+    record.update(chosen=answers[0], rejected=answers[1:] if rejected > 1 else answers[1])
+    if reference:
+        record["reference_logps"] = {"chosen": round(-rng.uniform(1, 5), 4),
+                                     "rejected": [round(-rng.uniform(5, 15), 4) for _ in range(rejected)]}
+    return record
+
+
+def make_preference_example(out_dir: str | Path, n: int, min_words: int, max_words: int, rejected: int = 2,
+                            reference: bool = False, seed: int = 0) -> Path:
+    """Write OUT/preference.jsonl: n passkey groups (chosen + `rejected` rejected answers); returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    path = out / "preference.jsonl"
+    write_jsonl(path, (preference_record(rng, rng.randint(min_words, max_words), rejected, reference=reference)
+                       for _ in range(n)))
+    return path

@@ -1,4 +1,4 @@
-"""Write packs as format v1 (see format.py) and publish them at a prefix, atomically as a whole.
+"""Write packs as format v1 or v2 (see format.py) and publish them at a prefix, atomically as a whole.
 
 Layout at PREFIX = DIR/NAME (format.py lists the files):
   DIR/.NAME.v-<hex>/NAME.bin, .idx, ..., .json, .rejects.jsonl   one complete dataset per version directory
@@ -66,6 +66,18 @@ def write_position_offsets(prefix: str, offsets: np.ndarray) -> None:
     """Each sequence's first position id, in .idx order (the dataset's packs, their samples in order)."""
     with open(fmt.position_offsets_file(prefix), "wb") as f:
         np.save(f, np.ascontiguousarray(offsets, dtype="<i8"))
+
+
+def write_roles(prefix: str, roles: np.ndarray) -> None:
+    """Each sequence's role in its preference group, in .idx order."""
+    with open(fmt.roles_file(prefix), "wb") as f:
+        np.save(f, np.ascontiguousarray(roles, dtype="i1"))
+
+
+def write_reference_logps(prefix: str, values: np.ndarray) -> None:
+    """Each sequence's reference score (NaN for prompts), in .idx order."""
+    with open(fmt.reference_logps_file(prefix), "wb") as f:
+        np.save(f, np.ascontiguousarray(values, dtype="<f8"))
 
 
 def file_records(prefix: str) -> dict[str, dict]:

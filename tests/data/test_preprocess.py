@@ -288,8 +288,8 @@ def test_reader_refuses_files_from_another_dataset(dataset_copy, tmp_path, bpe_t
 def test_reader_refuses_other_versions_and_missing_metadata(dataset_copy):
     meta = fmt.meta_file(dataset_copy)
     m = json.loads(meta.read_text())
-    meta.write_text(json.dumps(m | {"format_version": 2}))
-    with pytest.raises(MegalignError, match="format_version 2; this megalign reads version 1"):
+    meta.write_text(json.dumps(m | {"format_version": 3}))
+    with pytest.raises(MegalignError, match="format_version 3; this megalign reads version 1"):
         PackedDataset(dataset_copy)
     meta.unlink()
     with pytest.raises(MegalignError, match="ds.json not found: .* not a megalign packed dataset"):
