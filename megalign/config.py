@@ -21,13 +21,17 @@ from omegaconf.errors import OmegaConfBaseException
 from megalign.errors import MegalignError, OptionError
 
 ATTENTION_BACKENDS = ("auto", "te", "flash", "torch", "sdpa")  # model.attention_backend (model/attention.py)
-OBJECTIVES = ("sft",)  # training.objective (megalign/training/objective.py)
+OBJECTIVES = ("sft", "dpo", "ipo", "simpo", "orpo", "logo", "longpo")  # training.objective (training/objective.py)
+# the preference objectives (training/preference.py), and those that need reference log-probs
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo", "logo", "longpo")
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "longpo")
+PROMPT_MODES = ("shared", "duplicate")  # data.prompt (training/preference.py)
 NONFINITE_POLICIES = ("error", "skip")  # training.on_nonfinite
 LOSS_MODES = ("sequence", "token", "pack")  # training.loss: the sft objective's weighting (training/loss.py)
 DEVICES = ("auto", "cpu", "cuda")
 RECOMPUTE = ("none", "selective", "full")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn", "llama3")
-POSITIONS = ("contiguous", "skipalign")  # data.positions (megalign/data/positions.py)
+POSITIONS = ("contiguous", "skipalign", "logo")  # data.positions (megalign/data/positions.py)
 BALANCE_MODES = ("none", "compute")  # data.balance (megalign/training/balance.py)
 
 
@@ -102,6 +106,14 @@ class DataConfig:
     # skipalign: the probability that a sample gets skips (drawn per sample and epoch); the others keep
     # contiguous positions. 0: exactly contiguous
     skipalign_fraction: float = 1.0
+    # logo (preference data, LOGO's Eq. 4): each group's real tokens are mapped into a window of this many positions
+    # (None: model.max_position_embeddings): the prompt's chunks of logo_chunk tokens keep +1 steps inside and jump
+    # between, the prompt's last chunk (the question) and the answers sit at the end of the window
+    logo_window: Optional[int] = None
+    logo_chunk: int = 512
+    # preference groups (a prompt and its responses): shared (the prompt computed once, every response attends to
+    # it and to itself) | duplicate (each response a sample of its own, prompt + response; for comparison)
+    prompt: str = "shared"
     # held-out datasets for the validation loss (a PREFIX or a list, made by the same preprocessing, the same
     # tokenizer); every pack of each is evaluated, forward only, with contiguous positions
     valid_path: Any = None
@@ -150,6 +162,11 @@ class TrainingConfig:
     # saved) or skip (no update; metrics.jsonl marks the step `skipped`)
     on_nonfinite: str = "error"
     loss: str = "sequence"  # the sft weighting: sequence (LongAlign) | token | pack (training/loss.py)
+    # preference objectives (training/preference.py); None: the objective's default (preference.DEFAULTS)
+    beta: Optional[float] = None  # reward scale (dpo, ipo, simpo, logo, longpo; orpo: the odds-ratio weight)
+    gamma: Optional[float] = None  # target reward margin (simpo, logo)
+    label_smoothing: float = 0.0  # dpo, longpo: conservative DPO's label noise, in [0, 0.5)
+    nll_weight: Optional[float] = None  # weight of the NLL (per-token mean) on the chosen answer: logo's lambda
     eval_interval: int = 0  # validation loss on data.valid_path every N steps and after the last (0: never)
     # the validation loss is also reported per sample-length bucket: samples shorter than each edge (tokens)
     eval_buckets: list[int] = field(default_factory=lambda: [8192, 32768])
@@ -311,6 +328,7 @@ def validate(cfg: Config, world_size: int, with_data: bool = True) -> None:
     _check_choice("training.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     _validate_optimizer(t)
     _check_choice("training.loss", t.loss, LOSS_MODES)
+    _validate_preference(t)
     _check_choice("run.device", cfg.run.device, DEVICES)
     _check_choice("model.recompute", m.recompute, RECOMPUTE)
     _validate_rope(m)
@@ -405,9 +423,29 @@ def _validate_positions(d: DataConfig, m: ModelConfig) -> None:
         raise MegalignError(f"config key data.skipalign_window={w} must be in [1, model.max_position_embeddings="
                             f"{m.max_position_embeddings}] (or unset: model.max_position_embeddings); for a longer "
                             "window raise model.max_position_embeddings (with model.rotary_base or model.rope_scaling)")
+    _check_choice("data.prompt", d.prompt, PROMPT_MODES)
+    w = d.logo_window
+    if w is not None and not 0 < w <= m.max_position_embeddings:
+        raise MegalignError(f"config key data.logo_window={w} must be in [1, model.max_position_embeddings="
+                            f"{m.max_position_embeddings}] (or unset: model.max_position_embeddings)")
+    if d.logo_chunk < 1:
+        raise MegalignError(f"config key data.logo_chunk={d.logo_chunk} must be >= 1 (tokens per chunk, e.g. 512)")
     if not 0 <= d.skipalign_fraction <= 1:
         raise MegalignError(f"config key data.skipalign_fraction={d.skipalign_fraction} must be in [0, 1] "
                             "(the share of samples that get skips)")
+
+
+def _validate_preference(t: TrainingConfig) -> None:
+    for key, value, ok, hint in (
+            ("beta", t.beta, lambda v: v > 0, "> 0, e.g. 0.1 (dpo) or 10 (logo)"),
+            ("gamma", t.gamma, lambda v: True, "finite, e.g. 0.5"),
+            ("label_smoothing", t.label_smoothing, lambda v: 0 <= v < 0.5, "in [0, 0.5), e.g. 0"),
+            ("nll_weight", t.nll_weight, lambda v: v >= 0, ">= 0, e.g. 0.1")):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise MegalignError(f"config key training.{key}={value} must be {hint}")
+    if t.label_smoothing and t.objective not in ("dpo", "longpo"):
+        raise MegalignError(f"config key training.label_smoothing={t.label_smoothing} applies to dpo and longpo, "
+                            f"not training.objective={t.objective}: set it to 0")
 
 
 def validate_writable(key: str, path: str) -> None:

@@ -38,6 +38,16 @@ at W); the uniform partition favours no boundary. With several boundaries, a pai
 k boundaries sees about E * Beta(j, k-j): shorter distances. No monotone scheme can make all of them uniform at
 once (if d(a,c) = d(a,b) + d(b,c) and all three had the same law, d(b,c) would be 0), so coverage of the far end
 of the window comes from the pairs that cross most boundaries; tests/data/test_positions.py measures both.
+
+Preference groups (Pack.roles, data/groups.py). Whatever the mode, every response of a group continues the
+prompt's positions (prompt's last position + 1, + 2, ...): each response sees what it would see alone, and all
+responses of a group have the same positions. `logo` (LOGO, Tang et al. 2024, Eq. 4) is for them only: a group's
+prompt of P tokens is cut into K = ceil(P / chunk) near-equal chunks; with R the longest response and the window
+W, the last chunk (the question) ends at W - R - 1, so that the question and the answers sit at the end of the
+window, and chunk 0 < k < K-1 lies in its virtual block [k B, (k+1) B), B = (W - R - |last chunk|) // (K-1), at
+a uniform offset inside it (b_k of Eq. 4: one draw per chunk); chunk 0 starts at 0. Positions are +1 inside a chunk and jump between
+chunks, strictly increasing, all below W. A group whose chunks do not fit their blocks (W too small) keeps
+contiguous positions.
 """
 
 from __future__ import annotations
@@ -125,15 +135,66 @@ def skipalign_positions(loss_mask, lengths, window: int, rng: np.random.Generato
     return positions + running - np.repeat(base, lengths)
 
 
+def continue_responses(positions: np.ndarray, lengths, roles) -> np.ndarray:
+    """Positions of a preference pack whose samples each start at 0, with every response moved to continue its
+    group's prompt (the prompt's last position + 1, ...)."""
+    lengths, roles = np.asarray(lengths, dtype=np.int64), np.asarray(roles)
+    starts = np.cumsum(lengths) - lengths
+    shift = np.zeros(len(lengths), dtype=np.int64)
+    prompt_end = 0
+    for i, role in enumerate(roles.tolist()):
+        if role == 0:  # groups.PROMPT
+            prompt_end = int(positions[starts[i] + lengths[i] - 1]) + 1
+        else:
+            shift[i] = prompt_end - int(positions[starts[i]])
+    return positions + np.repeat(shift, lengths)
+
+
+def logo_positions(lengths, roles, window: int, chunk: int, rng: np.random.Generator) -> np.ndarray:
+    """LOGO's synthesized positions of a preference pack (the module docstring says how): [t] int64."""
+    lengths, roles = np.asarray(lengths, dtype=np.int64), np.asarray(roles)
+    prompts = np.flatnonzero(roles == 0)
+    ends = np.append(prompts[1:], len(roles))
+    out = []
+    for p, end in zip(prompts.tolist(), ends.tolist()):
+        n = int(lengths[p])
+        k = -(-n // chunk)
+        sizes = np.array([len(c) for c in np.array_split(np.arange(n), k)], dtype=np.int64)
+        offsets = rng.random(k)  # drawn for every group, fitting or not: later groups' draws do not depend on it
+        longest = int(lengths[p + 1:end].max())
+        block = (window - longest - sizes[-1]) // (k - 1) if k > 1 else 0
+        prompt = np.arange(n, dtype=np.int64)
+        if k > 1 and block >= sizes[:-1].max():
+            room = block - sizes[:-1]
+            starts = np.arange(k - 1) * block + np.minimum(np.floor(offsets[:-1] * (room + 1)), room).astype(np.int64)
+            starts[0] = 0  # the first chunk at 0, as every sample's positions start
+            starts = np.append(starts, window - longest - sizes[-1])
+            prompt = np.repeat(starts, sizes) + contiguous_positions(sizes)
+        out.append(prompt)
+        out.extend(prompt[-1] + 1 + np.arange(lengths[r]) for r in range(p + 1, end))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 def pack_positions(pack, positions: str, window: int, fraction: float, seed: int, dataset: int, index: int,
-                   epoch: int) -> np.ndarray | None:
+                   epoch: int, logo_chunk: int = 512) -> np.ndarray | None:
     """Position ids of `pack` (a packed_dataset.Pack), pack `index` of dataset `dataset` in `epoch`, for
     data.positions = `positions`, from each sample's position offset; None for contiguous (thd_batch's own, which
-    adds the offsets itself)."""
-    if positions == "contiguous":
-        return None
-    if positions != "skipalign":
+    adds the offsets itself). A preference pack's responses continue their prompt's positions."""
+    roles = getattr(pack, "roles", None)
+    if positions not in POSITIONS:
         raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
-    drawn = skipalign_positions(pack.loss_mask, pack.lengths, window, pack_rng(seed, dataset, index, epoch), fraction)
+    if positions == "logo":
+        if roles is None:
+            raise ValueError("data.positions=logo is for preference data (packs with roles: prompts and responses)")
+        return logo_positions(pack.lengths, roles, window, logo_chunk, pack_rng(seed, dataset, index, epoch))
+    if positions == "contiguous":
+        if roles is None:
+            return None
+        drawn = contiguous_positions(pack.lengths)
+    else:
+        drawn = skipalign_positions(pack.loss_mask, pack.lengths, window, pack_rng(seed, dataset, index, epoch),
+                                    fraction)
+    if roles is not None:
+        return continue_responses(drawn, pack.lengths, roles)
     offsets = getattr(pack, "position_offsets", None)
     return drawn if offsets is None else with_offsets(drawn, pack.lengths, offsets)

@@ -51,10 +51,10 @@ class InMemoryPacks:
                                  f"{len(p.loss_mask)} loss-mask values")
             if p.position_offsets is not None and len(p.position_offsets) != len(p.lengths):
                 raise ValueError(f"pack {i}: {len(p.position_offsets)} position offsets for {len(p.lengths)} samples")
-            for name in ("roles", "reference_logps"):
-                values = getattr(p, name)
+            for field_name in ("roles", "reference_logps"):
+                values = getattr(p, field_name)
                 if values is not None and len(values) != len(p.lengths):
-                    raise ValueError(f"pack {i}: {len(values)} {name} for {len(p.lengths)} samples")
+                    raise ValueError(f"pack {i}: {len(values)} {field_name} for {len(p.lengths)} samples")
             if p.roles is not None:
                 try:
                     check_roles(p.roles)

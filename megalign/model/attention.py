@@ -38,8 +38,8 @@ BACKENDS = ATTENTION_BACKENDS
 @dataclass
 class ThdParams(PackedSeqParams):
     """megatron's PackedSeqParams for a THD micro-batch, plus what megalign's attention needs from the batch:
-    under context parallelism, this rank's attention plan (parallel/context.py `attention_plan`), built on the
-    host with the batch (training/batch.py)."""
+    the batch's attention plan (parallel/context.py `attention_plan`: under context parallelism, and for shared
+    preference prompts), built on the host with the batch (training/batch.py)."""
 
     cp_plan: context.AttentionPlan | None = None
 
@@ -78,8 +78,9 @@ class _PackedCoreAttention(MegatronModule):
             return out.reshape(b, s, -1).permute(1, 0, 2).contiguous()
         if packed_seq_params.qkv_format != "thd":
             raise NotImplementedError(f"qkv_format {packed_seq_params.qkv_format!r}; megalign packs as 'thd'")
-        if self.cp > 1:
-            out = self._context_parallel(query, key, value, packed_seq_params, dropout)
+        plan = getattr(packed_seq_params, "cp_plan", None)
+        if self.cp > 1 or plan is not None:  # explicit key sets: CP chunks and/or shared prompts
+            out = self._planned(query, key, value, plan, dropout)
         else:
             cu_seqlens = packed_seq_params.cu_seqlens_q_padded
             if cu_seqlens is None:
@@ -88,14 +89,15 @@ class _PackedCoreAttention(MegatronModule):
             out = self.attend(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout)
         return out.reshape(out.shape[0], -1)
 
-    def _context_parallel(self, query, key, value, packed_seq_params, dropout):
-        """All-gather K/V over the CP group; each local chunk attends to its sample's keys up to its own end."""
-        plan = getattr(packed_seq_params, "cp_plan", None)
+    def _planned(self, query, key, value, plan, dropout):
+        """Each segment of the plan attends to its key set: under CP the K/V gathered over the CP group (a chunk
+        sees its sample's keys up to its own end), a response of a shared prompt its prompt's keys, then its own."""
         if plan is None:
             raise MegalignError("context parallelism needs the batch's attention plan: ThdParams(cp_plan=...), as "
                                 "training/batch.py context_parallel_share builds it")
-        k = context.all_gather_rows(key, self.cp_group)[plan.keys]
-        v = context.all_gather_rows(value, self.cp_group)[plan.keys]
+        if self.cp > 1:
+            key, value = (context.all_gather_rows(x, self.cp_group) for x in (key, value))
+        k, v = key[plan.keys], value[plan.keys]
         return self.attend(query, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, dropout)
 
     def attend(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout) -> torch.Tensor:

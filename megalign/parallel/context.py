@@ -9,6 +9,9 @@ work). Rank r's tokens are its chunks in sample order:
 This is megatron's (and TransformerEngine's) THD layout: `cu_seqlens_padded` describes the padded row, and
 megatron's RoPE cuts its per-token angles the same way. Padding sits at the end of each sample, so under
 causal attention no real token ever sees it; padded positions carry no loss weight.
+
+The same plan (explicit key sets per segment) expresses shared preference prompts, with or without CP: a
+response's segment reads its prompt's real keys first, then its own causally (`contexts` in attention_segments).
 """
 
 from __future__ import annotations
@@ -94,33 +97,42 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return _AllGather.apply(x, group)
 
 
-def attention_segments(padded: np.ndarray, cp: int, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def attention_segments(padded: np.ndarray, cp: int, rank: int, contexts: np.ndarray | None = None,
+                       lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What rank `rank`'s queries attend to, as varlen segments with bottom-right causal alignment.
 
     Each of the rank's chunks is one segment: its c queries (consecutive in the rank's tokens) against the keys
-    of its sample from the sample's start to the chunk's end (positions in the padded row). Returns
-    (cu_q, cu_k, key_index): segment boundaries in the rank's queries and in the gathered keys, and the
-    positions of the padded row to gather as keys, segment after segment.
+    of its sample from the sample's start to the chunk's end (positions in the padded row). At cp=1 a sample is
+    one chunk. `contexts[s]` >= 0 (a shared prompt, training/preference.py): sample s also reads every real key
+    of sample contexts[s] (its `lengths`, without padding), placed before its own keys, so that bottom-right
+    causality lets all of its queries see them. Returns (cu_q, cu_k, key_index): segment boundaries in the
+    rank's queries and in the gathered keys, and the positions of the padded row to gather as keys, segment
+    after segment.
     """
     padded = np.asarray(padded, dtype=np.int64)
-    chunk = padded // (2 * cp)
+    chunk = padded // (2 * cp) if cp > 1 else padded
+    own = (rank, 2 * cp - 1 - rank) if cp > 1 else (0,)
     starts = np.cumsum(padded) - padded
+    empty = np.zeros(0, dtype=np.int64)
     q_sizes, k_sizes, keys = [], [], []
-    for start, c in zip(starts.tolist(), chunk.tolist()):
-        for j in (rank, 2 * cp - 1 - rank):
+    for s, (start, c) in enumerate(zip(starts.tolist(), chunk.tolist())):
+        context = empty
+        if contexts is not None and contexts[s] >= 0:
+            context = np.arange(starts[contexts[s]], starts[contexts[s]] + lengths[contexts[s]])
+        for j in own:
             q_sizes.append(c)
-            k_sizes.append((j + 1) * c)
-            keys.append(np.arange(start, start + (j + 1) * c))
+            k_sizes.append(len(context) + (j + 1) * c)
+            keys.append(np.concatenate([context, np.arange(start, start + (j + 1) * c)]))
     cu_q = np.concatenate([[0], np.cumsum(q_sizes)]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum(k_sizes)]).astype(np.int32)
-    return cu_q, cu_k, (np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64))
+    return cu_q, cu_k, (np.concatenate(keys) if keys else empty)
 
 
 @dataclass(frozen=True)
 class AttentionPlan:
     """What rank r's attention needs for one micro-batch, the same for every layer: `keys` indexes its keys in the
-    K/V gathered from all CP ranks (rank 0's rows, then rank 1's, ...), segment after segment; `cu_q`/`cu_k` and
-    `max_q`/`max_k` are the varlen segments (see attention_segments). Built on the host with the batch, so that
+    K/V gathered from all CP ranks (rank 0's rows, then rank 1's, ...; at cp=1 this rank's own rows), segment after
+    segment; `cu_q`/`cu_k` and `max_q`/`max_k` are the varlen segments (see attention_segments). Built on the host with the batch, so that
     attention never reads cu_seqlens back from the device (a GPU sync)."""
 
     keys: torch.Tensor
@@ -136,8 +148,10 @@ class AttentionPlan:
         return self.map(lambda x: x.to(device, non_blocking=True))
 
 
-def attention_plan(padded: np.ndarray, cp: int, rank: int) -> AttentionPlan:
-    cu_q, cu_k, key_positions = attention_segments(padded, cp, rank)
-    keys = global_order(padded, cp)[key_positions]
+def attention_plan(padded: np.ndarray, cp: int, rank: int, contexts: np.ndarray | None = None,
+                   lengths: np.ndarray | None = None) -> AttentionPlan:
+    """The plan of attention_segments; at cp=1 (shared prompts without CP) the keys are this rank's own rows."""
+    cu_q, cu_k, key_positions = attention_segments(padded, cp, rank, contexts, lengths)
+    keys = global_order(padded, cp)[key_positions] if cp > 1 else key_positions
     return AttentionPlan(torch.from_numpy(keys), torch.from_numpy(cu_q), torch.from_numpy(cu_k),
                          int(np.diff(cu_q).max()), int(np.diff(cu_k).max()))

@@ -1,7 +1,8 @@
 """The CPU mode's attention kernel for context-parallel chunks (see parallel/context.py): exact, no wasted work.
 
 A CP chunk's c queries attend to their sample's keys up to the chunk's end: the a keys before the chunk without a
-mask, then the chunk's own c keys causally. On CPU, SDPA materialises any explicit or bottom-right mask (O(q x k)
+mask, then the chunk's own c keys causally (a response of a shared prompt, or its chunk: the prompt's keys and its
+own before the chunk are the a keys; parallel/context.py). On CPU, SDPA materialises any explicit or bottom-right mask (O(q x k)
 memory), so the chunk is computed as two calls of PyTorch's CPU flash-attention kernels (the ones SDPA runs on
 CPU, private aten ops that also return the log-sum-exp), merged by their log-sum-exps as ring attention does. The
 backward of each part, given the merged output and log-sum-exp, is that part's exact share of the gradient.

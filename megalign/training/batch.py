@@ -19,6 +19,10 @@ CP, every sample is padded to lcm(2cp, tp*cp) instead of 2cp; without CP, the pa
 segment of fewer than tp tokens (`pad_to_multiple`: a sample of its own that nothing attends across, and no
 loss weight), which costs fewer tokens than padding every sample would.
 
+Preference packs (Pack.roles: groups of a prompt and its responses) become the segments of
+training/preference.py `group_rows` (data.prompt: shared or duplicate): `contexts[s]` names the segment whose keys
+segment s reads before its own (a response its shared prompt), which the attention plan expresses, at CP=1 too.
+
 `BatchBuilder` is the pure function from a pack reference to this rank's micro-batch that the trainer uses.
 """
 
@@ -52,7 +56,8 @@ class Batch:
     loss: LossInputs
     num_targets: int
     cu_seqlens_padded: torch.Tensor | None = None  # context parallelism: samples padded to a multiple of 2*cp
-    cp_plan: context.AttentionPlan | None = None  # context parallelism: this rank's attention plan
+    cp_plan: context.AttentionPlan | None = None  # context parallelism or shared prompts: this rank's attention plan
+    contexts: np.ndarray | None = None  # shared prompts: per segment, the segment it reads first (-1: none); host only
 
     def packed_seq_params(self) -> ThdParams:
         return ThdParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
@@ -64,7 +69,8 @@ class Batch:
         def each(x):
             return None if x is None else fn(x)
 
-        loss = LossInputs({k: each(v) for k, v in self.loss.per_token.items()}, each(self.loss.count))
+        loss = LossInputs({k: each(v) for k, v in self.loss.per_token.items()}, each(self.loss.count),
+                          {k: each(v) for k, v in self.loss.groups.items()})
         return dataclasses.replace(self, tokens=each(self.tokens), labels=each(self.labels),
                                    position_ids=each(self.position_ids), cu_seqlens=each(self.cu_seqlens),
                                    loss=loss, cu_seqlens_padded=each(self.cu_seqlens_padded),
@@ -80,9 +86,10 @@ class Batch:
         self.map(lambda x: x.record_stream(stream) or x)
 
 
-def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Batch:
+def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None, responses=None) -> Batch:
     """The whole pack as one micro-batch for `objective` (training/objective.py). `positions`: the pack's position
-    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample, from its position offset."""
+    ids ([t], e.g. data/positions.py's SkipAlign ones); None: 0, 1, ... per sample, from its position offset.
+    `responses` (preference.Responses): which samples are responses, for a preference objective."""
     lengths = np.asarray(pack.lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     tokens = pack.tokens.astype(np.int64)
@@ -104,9 +111,29 @@ def thd_batch(pack: Pack, objective, positions: np.ndarray | None = None) -> Bat
         position_ids=torch.from_numpy(positions),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(lengths.max()),
-        loss=objective.loss_inputs(targets, lengths),
+        loss=objective.loss_inputs(targets, lengths) if responses is None else
+        objective.loss_inputs(targets, lengths, responses),
         num_targets=int(targets.sum()),
     )
+
+
+def preference_batch(pack: Pack, objective, positions: np.ndarray, shared: bool = True) -> Batch:
+    """A preference pack (roles) as the segments of preference.group_rows, with `positions` of the pack's tokens
+    (the responses' continuing their prompt's: data/positions.py). Shared prompts carry their attention plan."""
+    from megalign.training.preference import group_rows
+
+    rows = group_rows(pack.roles, pack.lengths, shared, getattr(pack, "reference_logps", None))
+    segments = Pack(pack.tokens[rows.index], pack.loss_mask[rows.index], rows.lengths)
+    batch = thd_batch(segments, objective, np.asarray(positions)[rows.index], rows.responses)
+    return dataclasses.replace(batch, contexts=rows.contexts) if (rows.contexts >= 0).any() else batch
+
+
+def with_context_plan(batch: Batch) -> Batch:
+    """Without CP: the attention plan of a batch whose segments read other segments' keys (shared prompts)."""
+    if batch.contexts is None:
+        return batch
+    lengths = np.diff(batch.cu_seqlens.numpy()).astype(np.int64)
+    return dataclasses.replace(batch, cp_plan=context.attention_plan(lengths, 1, 0, batch.contexts, lengths))
 
 
 def pad_to_multiple(batch: Batch, multiple: int) -> Batch:
@@ -124,7 +151,8 @@ def pad_to_multiple(batch: Batch, multiple: int) -> Batch:
         batch, tokens=padded(batch.tokens), labels=padded(batch.labels),
         position_ids=padded(batch.position_ids, torch.arange(extra)),
         cu_seqlens=torch.cat([cu, cu[-1:] + extra]), max_seqlen=max(batch.max_seqlen, extra),
-        loss=LossInputs({k: padded(v) for k, v in batch.loss.per_token.items()}, batch.loss.count))
+        loss=dataclasses.replace(batch.loss, per_token={k: padded(v) for k, v in batch.loss.per_token.items()}),
+        contexts=None if batch.contexts is None else np.append(batch.contexts, -1))
 
 
 def context_parallel_share(batch: Batch, cp: int, rank: int, multiple: int | None = None) -> Batch:
@@ -154,9 +182,10 @@ def context_parallel_share(batch: Batch, cp: int, rank: int, multiple: int | Non
         labels=share(batch.labels),
         position_ids=torch.from_numpy(padded_positions),
         max_seqlen=int(padded.max()),
-        loss=LossInputs({k: share(v) for k, v in batch.loss.per_token.items()}, count),
+        loss=dataclasses.replace(batch.loss, per_token={k: share(v) for k, v in batch.loss.per_token.items()},
+                                 count=count),
         cu_seqlens_padded=torch.from_numpy(np.concatenate([[0], np.cumsum(padded)]).astype(np.int32)),
-        cp_plan=context.attention_plan(padded, cp, rank),
+        cp_plan=context.attention_plan(padded, cp, rank, batch.contexts, lengths),
     )
 
 
@@ -187,17 +216,47 @@ class BatchBuilder:
                 "checks it) or was made with another tokenizer than model.vocab_size says")
         if pack.position_offsets is not None and len(pack.lengths):
             self._check_continued_positions(pack, ref)
+        preference = self._check_preference(pack, ref)
         # positions of the whole row, before the CP split (which keeps the whole padded row's positions)
-        positions = pack_positions(pack, d.positions, d.skipalign_window or self.max_positions,
-                                   d.skipalign_fraction, self.seed, ref.dataset, ref.pack, ref.epoch)
-        batch = thd_batch(pack, self.objective, positions)
+        window = (d.logo_window if d.positions == "logo" else d.skipalign_window) or self.max_positions
+        positions = pack_positions(pack, d.positions, window, d.skipalign_fraction, self.seed, ref.dataset, ref.pack,
+                                   ref.epoch, d.logo_chunk)
+        if preference:
+            batch = preference_batch(pack, self.objective, positions, shared=d.prompt == "shared")
+        else:
+            batch = thd_batch(pack, self.objective, positions)
         tp = self.sequence_parallel_tp
         if self.cp > 1:
             batch = context_parallel_share(batch, self.cp, self.cp_rank,
                                            context.sample_multiple(self.cp, tp, sequence_parallel=tp > 1))
-        elif tp > 1:
-            batch = pad_to_multiple(batch, tp)
+        else:
+            batch = with_context_plan(pad_to_multiple(batch, tp) if tp > 1 else batch)
         return batch
+
+    def _check_preference(self, pack: Pack, ref: PackRef) -> bool:
+        """Whether `pack` is built as preference groups: a preference objective needs preference packs (and,
+        for dpo, ipo and longpo, a reference log-prob per response); sft refuses them."""
+        wants = getattr(self.objective, "preference", False)
+        roles, reference = getattr(pack, "roles", None), getattr(pack, "reference_logps", None)
+        missing = wants and roles is not None and self.objective.needs_reference and (
+            reference is None or np.isnan(np.asarray(reference, dtype=np.float64)[np.asarray(roles) > 0]).any())
+        if wants == (roles is not None) and not missing:
+            return wants
+        source = self.datasets[ref.dataset].fingerprint()["path"]
+        name = getattr(self.objective, "name", "sft")
+        if wants and roles is None:
+            raise MegalignError(f"dataset {source}, pack {ref.pack}: training.objective={name} needs preference data "
+                                "(groups of a prompt, a chosen and rejected answers: records with chosen/rejected, "
+                                "preprocessed by tools/preprocess_data.py); for chat or text data use "
+                                "training.objective=sft")
+        if not wants and roles is not None:
+            raise MegalignError(f"dataset {source} holds preference groups (a prompt, a chosen and rejected answers): "
+                                f"training.objective={name} would train on the answers without their prompts; set "
+                                "training.objective to one of dpo, ipo, simpo, orpo, logo, longpo")
+        raise MegalignError(f"dataset {source}, pack {ref.pack}: training.objective={name} needs the reference "
+                            "model's log-prob of every response, and the dataset has none: score it with "
+                            "tools/score_reference.py (or preprocess records that carry precomputed reference "
+                            "scores), or use a reference-free objective (simpo, orpo, logo)")
 
     def _check_continued_positions(self, pack: Pack, ref: PackRef) -> None:
         """Pieces whose positions continue their document's reach past the pack: not past the model's positions."""

@@ -33,6 +33,7 @@ def metrics_record(r: StepResult, world_size: int) -> dict:
         "tflops_per_gpu": r.flops / r.seconds / world_size / 1e12, "skipped": int(r.skipped),
         "dp_imbalance": r.dp_imbalance,  # modelled slowest DP rank / mean (training/balance.py)
         "host_seconds": r.host_seconds,  # the step's wait for its micro-batches (prefetched: ~0)
+        **r.figures,  # the objective's own figures (preference: rewards, reward accuracy and margin, NLL, groups)
     }
 
 

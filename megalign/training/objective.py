@@ -13,28 +13,31 @@ An objective has three parts, each called at one place:
 
 `sft` is LongAlign's per-token-weighted cross-entropy (training/loss.py). Objectives whose loss is not linear in
 per-token terms (preference optimization: a function of per-response log-probability sums) fit the same contract:
-their loss_inputs mark the responses, their loss reduces each response first.
+their loss_inputs mark the responses, their loss reduces each response first (training/preference.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import torch
 
-from megalign.config import LOSS_MODES, OBJECTIVES, TrainingConfig
+from megalign.config import LOSS_MODES, OBJECTIVES, PREFERENCE_OBJECTIVES, TrainingConfig
 from megalign.errors import MegalignError
 from megalign.training.loss import token_weights, weighted_loss
 
 
 @dataclass(frozen=True)
 class LossInputs:
-    """What a micro-batch carries for its objective: tensors with one value per token, and its count."""
+    """What a micro-batch carries for its objective: tensors with one value per token (cut with the tokens under
+    context parallelism), its count, and tensors of the whole row that are not per token (the preference
+    objectives' per-response and per-group tables, the same on every CP rank)."""
 
     per_token: dict[str, torch.Tensor]
     count: torch.Tensor
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,4 +74,8 @@ def make_objective(t: TrainingConfig):
     """The objective training.objective names, with its keys."""
     if t.objective == "sft":
         return SFT(t.loss)
+    if t.objective in PREFERENCE_OBJECTIVES:
+        from megalign.training.preference import make_preference
+
+        return make_preference(t)
     raise MegalignError(f"config key training.objective: {t.objective!r} is not one of {', '.join(OBJECTIVES)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -61,6 +61,8 @@ class StepResult:
     skipped: bool = False  # the loss or gradient norm was not finite and training.on_nonfinite=skip
     dp_imbalance: float = 1.0  # the slowest DP rank's modelled cost over the mean (training/balance.py)
     host_seconds: float = 0.0  # of `seconds`, what the step waited for its micro-batches (built, or prefetched)
+    # the objective's other global figures (preference objectives: rewards, reward accuracy and margin, NLL, groups)
+    figures: dict = field(default_factory=dict)
 
 
 def open_datasets(cfg: Config) -> list[PackSource]:
@@ -82,6 +84,10 @@ class Trainer:
         self.layout = self.runtime.layout
         self.attention_backend = resolve_backend(cfg.model.attention_backend)
         self.objective = objective if objective is not None else make_objective(cfg.training)
+        if self.attention_backend == "te" and getattr(self.objective, "preference", False) and cfg.data.prompt == "shared":
+            raise MegalignError("config key data.prompt=shared needs megalign's attention plan (explicit key sets), which "
+                                "model.attention_backend=te does not take: set data.prompt=duplicate, or "
+                                "model.attention_backend to flash, torch or sdpa")
 
         model = build_model(cfg, self.attention_backend, self.runtime.params_dtype)
         initialize_weights(model, cfg.training.seed)
@@ -235,6 +241,7 @@ class Trainer:
             tokens=int(sum(lengths)), seconds=time.perf_counter() - started,
             flops=step_flops(self.cfg.model, self.cfg.model.padded_vocab_size, lengths), skipped=skipped,
             dp_imbalance=balance.imbalance, host_seconds=self.host_seconds - host_before,
+            figures={k: v for k, v in figures.items() if k != "loss"},
         )
 
     def close(self) -> None:

@@ -84,8 +84,10 @@ class Validator:
         self.trainer = trainer
         self.refs = [PackRef(d, p) for d, ds in enumerate(datasets) for p in range(len(ds))]
         data = replace(trainer.cfg.data, positions="contiguous")  # no synthesized skips in held-out data
-        self.batches = trainer.batches.replace(datasets=list(datasets), data=data,
-                                               objective=BucketedSFT(objective or trainer.objective, tuple(edges)))
+        objective = objective or trainer.objective
+        if not getattr(objective, "preference", False):  # preference objectives report per group, not per length
+            objective = BucketedSFT(objective, tuple(edges))
+        self.batches = trainer.batches.replace(datasets=list(datasets), data=data, objective=objective)
 
     def run(self) -> dict[str, float]:
         """{"loss": ..., "loss/<8k": ..., "sequences": ..., "tokens": ...} over every pack (collective)."""

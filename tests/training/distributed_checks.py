@@ -154,6 +154,68 @@ def short_samples_step(trainer) -> dict:
     return {"loss": r.loss, "grad_norm": r.grad_norm, "sequences": r.sequences}
 
 
+# preference groups per pack: (prompt length, [chosen, rejected...]); a 1-token prompt and 1-token answers (shorter
+# than 2*cp), M = 2 and M = 1, prompts of several LOGO chunks (data.logo_chunk=8)
+PREFERENCE_PACKS = ([(37, [9, 4, 1]), (1, [5, 3])], [(22, [1, 6]), (50, [12, 7, 3])])
+
+
+def preference_packs(vocab: int, seed: int = 11):
+    import dataclasses
+
+    import numpy as np
+
+    from megalign.data.packed_dataset import Pack
+    from megalign.data.source import InMemoryPacks
+
+    @dataclasses.dataclass(frozen=True)
+    class Scored(Pack):  # reference log-probs per sample (Pack.reference_logps once the data side has it)
+        reference_logps: np.ndarray | None = None
+
+    rng = np.random.default_rng(seed)
+    packs = []
+    for groups in PREFERENCE_PACKS:
+        lengths = [n for p, r in groups for n in (p, *r)]
+        roles = [role for _, r in groups for role in (0, *range(1, len(r) + 1))]
+        mask = np.concatenate([np.full(n, int(role > 0), np.uint8) for n, role in zip(lengths, roles)])
+        refs = np.where(np.array(roles) > 0, rng.uniform(-40, -10, len(roles)), np.nan)
+        packs.append(Scored(rng.integers(0, vocab, sum(lengths)), mask, np.array(lengths), roles=np.array(roles),
+                            reference_logps=refs))
+    return InMemoryPacks(packs, vocab_size=vocab, name="preference")
+
+
+def preference_check(trainer, sharpen: float = 16.0) -> dict:
+    """Preference objectives on a second trainer (in-memory groups, the first one's runtime), at its initial
+    weights with query/key/value sharpened (attention then depends on positions): dpo with the prompt shared and
+    duplicated, logo with LOGO positions (a 4096 window), simpo with logo positions duplicated."""
+    import dataclasses
+
+    import torch
+
+    from megalign.config import updated
+    from megalign.training.preference import Preference
+    from megalign.training.trainer import Trainer
+
+    cfg = updated(trainer.cfg, training={"global_batch": 2, "objective": "dpo", "seed": 0},
+                  checkpoint={"resume": False})
+    other = Trainer(cfg, datasets=[preference_packs(trainer.cfg.model.vocab_size)], runtime=trainer.runtime)
+    with torch.no_grad():
+        for n, p in other.model.module.named_parameters():
+            if n.endswith("linear_qkv.weight"):
+                p.mul_(sharpen)
+    refs = other.sampler.packs_at(0, 2)
+    logo = dict(positions="logo", logo_window=4096, logo_chunk=8)
+
+    def run(objective, **data):
+        builder = other.batches.replace(objective=objective, data=dataclasses.replace(other.cfg.data, **data))
+        return loss_and_grad_norm(other, refs, builder)
+
+    return {"dpo shared": run(Preference("dpo", 0.1)), "dpo duplicate": run(Preference("dpo", 0.1), prompt="duplicate"),
+            "logo shared": run(Preference("logo", 10.0, 3.0, nll_weight=0.1), **logo),
+            "logo contiguous": run(Preference("logo", 10.0, 3.0, nll_weight=0.1)),
+            "simpo logo duplicate": run(Preference("simpo", 2.0, 0.5), prompt="duplicate", **logo),
+            "simpo logo shared": run(Preference("simpo", 2.0, 0.5), **logo)}
+
+
 def validation_check(trainer) -> list[dict]:
     """The validation loss (overall and per length bucket) of the freshly built model, per weighting, on the run's
     data plus the short-samples packs and one more pack: 9 packs, which do not split evenly over 2 DP ranks."""
@@ -206,6 +268,7 @@ def main():
         result["sequence_parallel_switched"] = three_steps(Trainer(switched, runtime=trainer.runtime))
     result["steps"] = three_steps(trainer)
     result["short_samples"] = short_samples_step(trainer)
+    result["preference"] = preference_check(trainer)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)

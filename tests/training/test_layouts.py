@@ -139,3 +139,25 @@ def test_skipalign_does_not_depend_on_layout(results, layout):
     assert math.isfinite(got["loss"]) and math.isfinite(got["grad_norm"])
     assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "1 process"])
+def test_preference_objectives_do_not_depend_on_layout(results, layout):
+    """dpo (shared and duplicated prompt) and logo (LOGO positions) on preference groups: the per-response sums
+    reduced over CP with their gradients give the one-process loss and gradient norm at every layout."""
+    reference, got = results["1 process"]["preference"], results[layout]["preference"]
+    assert set(got) == set(reference)
+    for key, ref in reference.items():
+        assert math.isfinite(got[key]["loss"]) and math.isfinite(got[key]["grad_norm"]), key
+        assert got[key]["loss"] == pytest.approx(ref["loss"], rel=1e-5), key
+        assert got[key]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), key
+
+
+def test_shared_prompt_equals_duplicated_prompt_at_every_layout(results):
+    for name, r in results.items():
+        check = r["preference"]
+        for a, b in (("dpo shared", "dpo duplicate"), ("simpo logo shared", "simpo logo duplicate")):
+            assert check[a]["loss"] == pytest.approx(check[b]["loss"], rel=1e-5), (name, a)
+            assert check[a]["grad_norm"] == pytest.approx(check[b]["grad_norm"], rel=1e-5), (name, a)
+        # LOGO's positions change the loss (attention depends on positions after sharpening)
+        assert check["logo shared"]["loss"] != pytest.approx(check["logo contiguous"]["loss"], rel=1e-4), name
