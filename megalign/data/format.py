@@ -11,6 +11,11 @@ are checked.
                                                a group is consecutive sequences inside one document (pack)
   PREFIX_reference_logps.npy                   v2, when the records carry reference scores: float64 per sequence,
                                                the response's reference log-prob sum, NaN for prompts
+  PREFIX.reference.npy                         v2, written by tools/score_reference.py (not preprocessing): float64
+                                               per sequence, each response's reference log-prob sum, NaN for
+                                               prompts; read when PREFIX_reference_logps.npy is absent
+  PREFIX.reference.json                        what the scores were computed with: the model, the dataset's
+                                               checksums (files of PREFIX.json: checked on reading), the layout
   PREFIX.json                                  metadata: version, tokenizer, counts, stats, sizes, checksums
   PREFIX.rejects.jsonl                         every rejected record: input, line, reason (a report, not data)
 Each is a symlink into the version directory that .NAME.current points at (writer.py: how publishing is atomic);
@@ -31,6 +36,8 @@ ROLES_SUFFIX = "_roles.npy"
 REFERENCE_LOGPS_SUFFIX = "_reference_logps.npy"
 OPTIONAL_SUFFIXES = (POSITION_OFFSETS_SUFFIX, ROLES_SUFFIX, REFERENCE_LOGPS_SUFFIX)  # data files only some have
 META_SUFFIX = ".json"
+SCORES_SUFFIX = ".reference.npy"  # tools/score_reference.py's output, beside the dataset
+SCORES_META_SUFFIX = ".reference.json"
 REJECTS_SUFFIX = ".rejects.jsonl"
 LOCK_SUFFIX = ".lock"
 
@@ -53,6 +60,14 @@ def roles_file(prefix: str) -> Path:
 
 def reference_logps_file(prefix: str) -> Path:
     return Path(prefix + REFERENCE_LOGPS_SUFFIX)
+
+
+def scores_file(prefix: str) -> Path:
+    return Path(prefix + SCORES_SUFFIX)
+
+
+def scores_meta_file(prefix: str) -> Path:
+    return Path(prefix + SCORES_META_SUFFIX)
 
 
 def meta_file(prefix: str) -> Path:

@@ -1,6 +1,8 @@
 """Read a packed dataset (format v1, or v2 for preference groups): pack k as tokens, loss mask, per-sample lengths
 and, for documents whose pieces continue each other's positions, per-sample position offsets; for preference
-groups each sample's role and, when the dataset has them, its reference score (a `PackSource`, see source.py).
+groups each sample's role and, when the dataset has them, its reference score (a `PackSource`, see source.py):
+from the records (PREFIX_reference_logps.npy), else from tools/score_reference.py (PREFIX.reference.npy, used only
+when PREFIX.reference.json says it was computed for this dataset's checksums).
 
 Opening validates the metadata version, the file sizes and (by default) the checksums, so that a truncated,
 mismatched or half-written dataset is a clear error instead of a crash deep inside training.
@@ -35,9 +37,11 @@ class Pack:
 
 
 class PackedDataset:
-    """A format-v1 or v2 dataset at `prefix`. `verify`: "full" (sizes and checksums), "sizes", or "none"."""
+    """A format-v1 or v2 dataset at `prefix`. `verify`: "full" (sizes and checksums), "sizes", or "none".
+    `scores`: read tools/score_reference.py's PREFIX.reference.npy when the records carry no reference scores
+    (False: ignore it, as the scoring pass itself does, so that a stale one can be replaced)."""
 
-    def __init__(self, prefix: str, verify: str = "full"):
+    def __init__(self, prefix: str, verify: str = "full", scores: bool = True):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = str(prefix)
@@ -54,6 +58,9 @@ class PackedDataset:
             if self.meta["preference"].get("reference_logps"):
                 self._reference = _read_array(self.prefix, fmt.reference_logps_file(self.prefix),
                                               "each response's reference score")
+            elif scores and any(f.exists() for f in (fmt.scores_file(self.prefix), fmt.scores_meta_file(self.prefix))):
+                # no scores in the records: those of tools/score_reference.py, if made for this very dataset
+                self._reference = read_scores(self.prefix, self.fingerprint()["sha256"])
         self._check_structure()
         if self._roles is not None:
             self._check_roles()
@@ -171,6 +178,35 @@ def _read_array(prefix: str, path: Path, what: str) -> np.ndarray:
         return np.load(path, mmap_mode="r")
     except ValueError as e:
         raise MegalignError(f"{path} is not a numpy array file ({e}); re-run preprocessing") from None
+
+
+def read_scores(prefix: str, sha256: dict) -> np.ndarray:
+    """PREFIX.reference.npy (training/reference.py writes it), after checking that PREFIX.reference.json records
+    the dataset checksums `sha256` (the dataset's PREFIX.json) and the checksum of the .npy itself."""
+    scores, meta_path = fmt.scores_file(prefix), fmt.scores_meta_file(prefix)
+    rerun = f"rerun tools/score_reference.py with data.path={prefix}"
+    if not scores.is_file() or not meta_path.is_file():
+        present, missing = (scores, meta_path) if scores.is_file() else (meta_path, scores)
+        raise MegalignError(f"{present} exists without {missing} (an unfinished or damaged scoring run): {rerun}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        recorded, npy_sha = meta["dataset"]["sha256"], meta["scores"]["sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise MegalignError(f"{meta_path} is not a reference-scores record ({type(e).__name__}: {e}): "
+                            f"{rerun}") from None
+    if recorded != sha256:
+        raise MegalignError(f"{scores} is stale: {meta_path} records other dataset checksums than "
+                            f"{fmt.meta_file(prefix)} (the dataset changed since it was scored): {rerun}")
+    if fmt.sha256_file(scores) != npy_sha:
+        raise MegalignError(f"{scores} fails the sha256 that {meta_path} records (damaged, or from another scoring "
+                            f"run): {rerun}")
+    try:
+        values = np.load(scores)
+    except ValueError as e:
+        raise MegalignError(f"{scores} is not a numpy array file ({e}): {rerun}") from None
+    if values.dtype != np.float64 or values.ndim != 1:
+        raise MegalignError(f"{scores} holds {values.dtype} of shape {values.shape}, not float64 per sequence: {rerun}")
+    return values
 
 
 def read_metadata(prefix: str) -> dict:
