@@ -118,7 +118,7 @@ def test_scores_equal_transformers_and_are_the_same_at_tp2(work, scored):
     assert np.isnan(tp1[roles == PROMPT]).all() and np.isfinite(tp1[roles != PROMPT]).all()
     np.testing.assert_allclose(tp1, hf_scores(work["hf"], work["data"]), rtol=1e-5)
 
-    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29531",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "tools" / "score_reference.py"), "--config", config(work),
                            "--model", str(work["imported"]), *overrides(work, work["data"], out / "tp2"),
                            "parallel.tp=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
