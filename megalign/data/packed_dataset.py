@@ -51,7 +51,8 @@ class PackedDataset:
         self._mask = IndexedDataset(self.prefix + fmt.LOSS_MASK_SUFFIX)
         self._offsets = None
         if self.meta.get("documents", {}).get("positions") == "continue":
-            self._offsets = _read_position_offsets(self.prefix)
+            self._offsets = _read_array(self.prefix, fmt.position_offsets_file(self.prefix),
+                                        "where each piece of a document starts its positions")
         self._roles = self._reference = None
         if self.meta["format_version"] == fmt.PREFERENCE_FORMAT_VERSION:
             self._roles = _read_array(self.prefix, fmt.roles_file(self.prefix), "each sequence's role in its preference group")
@@ -157,17 +158,6 @@ class PackedDataset:
         roles = None if self._roles is None else np.asarray(self._roles[first:last], dtype=np.int64)
         reference = None if self._reference is None else np.asarray(self._reference[first:last], dtype=np.float64)
         return Pack(tokens, loss_mask, np.asarray(lengths), offsets, roles, reference)
-
-
-def _read_position_offsets(prefix: str) -> np.ndarray:
-    path = fmt.position_offsets_file(prefix)
-    if not path.is_file():
-        raise MegalignError(f"{path} is missing: the metadata says the positions continue across pieces, and this "
-                            f"file holds where each piece's positions start (the dataset at {prefix} is incomplete)")
-    try:
-        return np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise MegalignError(f"{path} is not a numpy array file ({e}); re-run preprocessing") from None
 
 
 def _read_array(prefix: str, path: Path, what: str) -> np.ndarray:

@@ -97,12 +97,18 @@ def write_jsonl(path: str | Path, records) -> int:
 
 def make_example(out_dir: str | Path, n_long: int, n_short: int, min_words: int, max_words: int, seed: int = 0) -> dict:
     """Write OUT/long.jsonl and OUT/short.jsonl; returns their paths."""
+    return _write_long_and_short(out_dir, "", lambda rng: long_record(rng, min_words, max_words), n_long,
+                                 short_chat_record, n_short, seed)
+
+
+def _write_long_and_short(out_dir, suffix: str, make_long, n_long: int, make_short, n_short: int, seed: int) -> dict:
+    """OUT/long{suffix}.jsonl and OUT/short{suffix}.jsonl from one seeded generator (long records first)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    paths = {"long": out / "long.jsonl", "short": out / "short.jsonl"}
-    write_jsonl(paths["long"], (long_record(rng, min_words, max_words) for _ in range(n_long)))
-    write_jsonl(paths["short"], (short_chat_record(rng) for _ in range(n_short)))
+    paths = {"long": out / f"long{suffix}.jsonl", "short": out / f"short{suffix}.jsonl"}
+    write_jsonl(paths["long"], (make_long(rng) for _ in range(n_long)))
+    write_jsonl(paths["short"], (make_short(rng) for _ in range(n_short)))
     return paths
 
 
@@ -152,13 +158,8 @@ def make_text_example(out_dir: str | Path, n_long: int, n_short: int, min_words:
                       seed: int = 0) -> dict:
     """Write OUT/long_text.jsonl (books and code files of min_words..max_words) and OUT/short_text.jsonl (notes
     of 10-120 words), {"text": ...} records; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = {"long": out / "long_text.jsonl", "short": out / "short_text.jsonl"}
-    write_jsonl(paths["long"], (long_document(rng, min_words, max_words) for _ in range(n_long)))
-    write_jsonl(paths["short"], (short_document(rng) for _ in range(n_short)))
-    return paths
+    return _write_long_and_short(out_dir, "_text", lambda rng: long_document(rng, min_words, max_words), n_long,
+                                 short_document, n_short, seed)
 
 
 def preference_record(rng: random.Random, n_words: int, rejected: int = 2, form: str = "messages",

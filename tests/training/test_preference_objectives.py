@@ -220,16 +220,16 @@ def test_missing_reference_and_wrong_pairings_are_clear_errors(setup):
     unscored = InMemoryPacks([Pack(p.tokens, p.loss_mask, p.lengths, roles=p.roles) for p in packs], VOCAB,
                              name="unscored")
     builder = trainer.batches.replace(datasets=[unscored], objective=Preference("dpo", 0.1))
-    with pytest.raises(MegalignError, match=r"dataset \S+, pack 0: training.objective=dpo needs the reference.*"
+    with pytest.raises(MegalignError, match=r"dataset unscored, pack 0: training.objective=dpo needs the reference.*"
                                             r"tools/score_reference.py.*simpo, orpo, logo"):
         builder.build(PackRef(0, 0))
     builder.replace(objective=Preference("logo", 10.0, 3.0)).build(PackRef(0, 0))  # reference-free: fine
     from megalign.training.objective import SFT
 
-    with pytest.raises(MegalignError, match="holds preference groups.*training.objective=sft"):
+    with pytest.raises(MegalignError, match="dataset unscored holds preference groups.*training.objective=sft"):
         builder.replace(objective=SFT()).build(PackRef(0, 0))
     plain = InMemoryPacks([Pack(np.arange(10), np.ones(10, np.uint8), np.array([10]))], VOCAB, name="chat")
-    with pytest.raises(MegalignError, match=r"dataset \S+, pack 0: training.objective=dpo needs preference data"):
+    with pytest.raises(MegalignError, match=r"dataset chat, pack 0: training.objective=dpo needs preference data"):
         builder.replace(datasets=[plain]).build(PackRef(0, 0))
 
 
